@@ -1,0 +1,341 @@
+"""Loading and saving Hugging Face checkpoints: the one boundary where their layout meets ours.
+
+A checkpoint is a folder with config.json (model_type, architectures) and weights in
+model.safetensors, pytorch_model.bin, or shards listed by a `*.index.json`. A name that is not a
+folder is a hub id, resolved through huggingface_hub's cache (offline when it is cached).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distillery.models import gpt2, roberta
+from distillery.models.common import DistilleryError, Pretrained
+
+CONFIG_NAME = "config.json"
+SAFETENSORS_NAME = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_NAME = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+# Files worth fetching from a hub repo: config, weights and tokenizer (never code).
+HUB_PATTERNS = [
+    "config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+    "pytorch_model*.bin", "pytorch_model.bin.index.json", "tokenizer.json", "tokenizer_config.json",
+    "vocab.json", "merges.txt", "special_tokens_map.json",
+]
+
+ARCHITECTURE_TASKS = {
+    "GPT2LMHeadModel": ("gpt2", "causal-lm"),
+    "GPT2Model": ("gpt2", "causal-lm"),
+    "RobertaModel": ("roberta", "base"),
+    "RobertaForMaskedLM": ("roberta", "masked-lm"),
+    "RobertaForSequenceClassification": ("roberta", "sequence-classification"),
+    "RobertaForTokenClassification": ("roberta", "token-classification"),
+    "RobertaForQuestionAnswering": ("roberta", "question-answering"),
+}
+TASK_ARCHITECTURES = {
+    ("gpt2", "causal-lm"): "GPT2LMHeadModel",
+    **{("roberta", task): arch for arch, (fam, task) in ARCHITECTURE_TASKS.items() if fam == "roberta"},
+}
+FAMILY_TASKS = {"gpt2": ["causal-lm"], "roberta": list(roberta.HEADS)}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+class CheckpointError(DistilleryError):
+    """A checkpoint that cannot be read, named with the file and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding the folder
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
+    """A local folder as is; otherwise a hub id, from huggingface_hub's cache or the hub."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; pass the folder that holds config.json and the weights.")
+    name = str(name_or_path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name:
+        raise CheckpointError(f"No such model folder: {path}; check the path.")
+    return _from_hub(name)
+
+
+def _from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True))
+    except HFValidationError as e:
+        raise CheckpointError(f"{repo_id!r} is neither a local folder nor a valid hub model id.") from e
+    except Exception as cached_error:  # noqa: BLE001 - any cache miss falls through to the hub
+        if _offline():
+            raise CheckpointError(
+                f"Model {repo_id!r} is not a local folder and is not in the Hugging Face cache, and "
+                "offline mode is on (HF_HUB_OFFLINE); download it where there is network "
+                f"(`hf download {repo_id}`) or pass a local folder."
+            ) from cached_error
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # noqa: BLE001 - network, auth and not-found errors all end here
+        raise CheckpointError(
+            f"Model {repo_id!r} is not a local folder, not in the Hugging Face cache, and the hub "
+            f"could not provide it ({type(e).__name__}); download it where there is network "
+            f"(`hf download {repo_id}`) or pass a local folder."
+        ) from e
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    file = directory / CONFIG_NAME
+    if not file.is_file():
+        raise CheckpointError(f"{directory} has no {CONFIG_NAME}; a model folder needs one (save it with "
+                              "save_pretrained).")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e}); fix or re-download it.") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file} must hold a JSON object.")
+    return config
+
+
+def family_and_task(config: dict[str, Any], file: Path, task: str | None) -> tuple[str, str]:
+    model_type = config.get("model_type")
+    if model_type not in FAMILY_TASKS:
+        raise CheckpointError(
+            f"{file}: model_type {model_type!r} is not supported; distillery runs {sorted(FAMILY_TASKS)}."
+        )
+    stored = None
+    for arch in config.get("architectures") or []:
+        if arch in ARCHITECTURE_TASKS and ARCHITECTURE_TASKS[arch][0] == model_type:
+            stored = ARCHITECTURE_TASKS[arch][1]
+    chosen = task or stored or FAMILY_TASKS[model_type][0]
+    if chosen not in FAMILY_TASKS[model_type]:
+        raise CheckpointError(
+            f"task {chosen!r} does not exist for {model_type} models; choose one of {FAMILY_TASKS[model_type]}."
+        )
+    return model_type, chosen
+
+
+def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of the checkpoint in `directory`, in its own (Hugging Face) naming."""
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        index = directory / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index} is not a valid shard index (needs 'weight_map').") from e
+            state = {}
+            for shard in sorted(set(weight_map.values())):
+                state.update(_read_file(directory / shard))
+            return state
+    for name in (SAFETENSORS_NAME, BIN_NAME):
+        if (directory / name).is_file():
+            return _read_file(directory / name)
+    raise CheckpointError(
+        f"{directory} has no weights: expected {SAFETENSORS_NAME}, {BIN_NAME} or a sharded *.index.json."
+    )
+
+
+def _read_file(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise CheckpointError(f"Weight file {file} is missing (listed in the shard index); re-download it.")
+    if file.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(file))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(
+                f"{file} is not a readable safetensors file (truncated or corrupt: {e}); re-download or "
+                "re-save it."
+            ) from e
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"Refused to load {file}: it holds objects other than tensors (possibly code), and distillery "
+            "loads .bin files only with weights_only=True; convert it to safetensors from a trusted source."
+        ) from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{file} is not a readable PyTorch weight file ({e}); re-download it.") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file} does not hold a state dict of tensors.")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# Building and filling a model
+
+
+def config_from_hf(family: str, hf: dict[str, Any]):
+    return gpt2.GPT2Config.from_hf(hf) if family == "gpt2" else roberta.RobertaConfig.from_hf(hf)
+
+
+def build_model(config, task: str | None = None) -> Pretrained:
+    """A freshly initialised model for a GPT2Config or RobertaConfig (and a RoBERTa task)."""
+    if isinstance(config, gpt2.GPT2Config):
+        if task not in (None, "causal-lm"):
+            raise CheckpointError(f"GPT-2 models only do causal-lm, not {task!r}.")
+        return gpt2.GPT2(config)
+    task = task or "masked-lm"
+    if task not in roberta.HEADS:
+        raise CheckpointError(f"task {task!r} does not exist for roberta models; choose one of {list(roberta.HEADS)}.")
+    return roberta.HEADS[task](config)
+
+
+def to_ours(family: str, task: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return gpt2.hf_to_ours(state) if family == "gpt2" else roberta.hf_to_ours(state, task)
+
+
+def to_hf(model: Pretrained) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    return gpt2.ours_to_hf(state) if model.family == "gpt2" else roberta.ours_to_hf(state, model.task)
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    task: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> Pretrained:
+    """Load a GPT-2 or RoBERTa checkpoint (local folder or hub id) into a distillery model.
+
+    `task` picks the head for RoBERTa ("masked-lm", "sequence-classification", ...); by default the
+    one config.json's architectures name. A head the checkpoint lacks is freshly initialised (as
+    when fine-tuning a masked LM for classification); any other missing, unexpected or mis-shaped
+    tensor is an error naming it.
+    """
+    directory = resolve_model_dir(name_or_path)
+    hf_config = read_config(directory)
+    family, task = family_and_task(hf_config, directory / CONFIG_NAME, task)
+    try:
+        config = config_from_hf(family, hf_config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{directory / CONFIG_NAME}: {e}") from e
+    their_state = read_state_dict(directory)
+    model = build_model(config, task)
+    load_hf_state_dict(model, their_state, source=directory)
+    model.eval()
+    torch_dtype = resolve_dtype(dtype)
+    if torch_dtype is not None:
+        model.to(torch_dtype)
+    return model.to(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise CheckpointError(f"dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def load_hf_state_dict(model: Pretrained, their_state: dict[str, torch.Tensor], source: Path | str) -> None:
+    """Copy a Hugging Face-layout state dict into `model`, naming every key that does not fit."""
+    family, task = model.family, model.task
+    origin: dict[str, str] = {}
+    ours: dict[str, torch.Tensor] = {}
+    for key, tensor in their_state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{source}: entry {key!r} is not a tensor.")
+        for name, t in to_ours(family, task, {key: tensor}).items():
+            ours[name] = t
+            origin[name] = key
+    expected = model.state_dict()
+    # Tied weights appear once in the checkpoint.
+    tied = {"lm_head.weight", "lm_decoder.weight"}
+    head_prefixes = ("lm_dense.", "lm_ln.", "lm_decoder.", "cls_dense.", "cls_out.", "qa_out.")
+    missing = [k for k in expected if k not in ours and k not in tied]
+    unexpected = [k for k in ours if k not in expected]
+    # A RoBERTa checkpoint of another head: keep the encoder, initialise our head, drop theirs.
+    new_head = [k for k in missing if k.startswith(head_prefixes)]
+    missing = [k for k in missing if k not in new_head]
+    dropped = [k for k in unexpected if k.startswith(head_prefixes)] if new_head or family == "roberta" else []
+    unexpected = [k for k in unexpected if k not in dropped]
+    if missing:
+        raise CheckpointError(
+            f"{source}: the checkpoint lacks {len(missing)} tensor(s) a {family} {task} model needs, e.g. "
+            f"{', '.join(missing[:3])}; is it a complete {family} checkpoint?"
+        )
+    if unexpected:
+        names = ", ".join(origin[k] for k in unexpected[:3])
+        raise CheckpointError(
+            f"{source}: the checkpoint has {len(unexpected)} tensor(s) a {family} {task} model does not use, "
+            f"e.g. {names}; does config.json match the weights?"
+        )
+    for name, tensor in ours.items():
+        if name in expected and tensor.shape != expected[name].shape:
+            raise CheckpointError(
+                f"{source}: tensor {origin[name]} has shape {tuple(tensor.shape)} but config.json implies "
+                f"{tuple(expected[name].shape)}; the weights and config.json do not match."
+            )
+    model.load_state_dict({k: v for k, v in ours.items() if k in expected}, strict=False)
+    if new_head:
+        model.newly_initialized = new_head  # reported by callers that fine-tune
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving
+
+
+@contextmanager
+def atomic_write(path: Path, mode: str = "wb") -> Iterator[Any]:
+    """Write to a temporary file beside `path`, then rename over it: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def save_pretrained(model: Pretrained, directory: str | os.PathLike) -> None:
+    """config.json + model.safetensors in transformers' layout, each written atomically."""
+    from safetensors.torch import save
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    hf_config = model.config.to_hf()
+    hf_config["architectures"] = [TASK_ARCHITECTURES[(model.family, model.task)]]
+    hf_config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    state = {k: v.detach().cpu().contiguous() for k, v in to_hf(model).items()}
+    blob = save(state, metadata={"format": "pt"})
+    with atomic_write(directory / SAFETENSORS_NAME) as f:
+        f.write(blob)
+    write_json(directory / CONFIG_NAME, hf_config)

@@ -1,0 +1,114 @@
+"""Pieces both model families share: the output record, the KV cache, activations, errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class DistilleryError(Exception):
+    """A user's mistake (bad file, bad argument): the message is one sentence naming the fix."""
+
+
+class ConfigError(DistilleryError, ValueError):
+    """A config field that cannot be used."""
+
+
+@dataclass
+class ModelOutput:
+    """What every model returns.
+
+    logits: (B, T, V) for language models, (B, num_labels) for sequence classification,
+    (B, T, num_labels) for token classification, (B, T, 2) for question answering.
+    hidden_states: embedding output first, then one entry per layer (as transformers).
+    """
+
+    logits: torch.Tensor
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def start_logits(self) -> torch.Tensor:
+        return self.logits[..., 0]
+
+    @property
+    def end_logits(self) -> torch.Tensor:
+        return self.logits[..., 1]
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (L, B, H, max_length, D).
+
+    `length` is the number of positions already written. A model's forward writes its new
+    positions at [length, length + T) for each layer, then advances `length`; setting `length`
+    back rolls the cache back (speculative decoding rejects drafted tokens that way).
+    """
+
+    def __init__(self, n_layer, batch_size, n_head, max_length, head_dim, dtype, device) -> None:
+        shape = (n_layer, batch_size, n_head, max_length, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def max_length(self) -> int:
+        return self.k.size(3)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write (B, H, T, D) new keys/values of `layer`; return all (B, H, length + T, D)."""
+        start, end = self.length, self.length + k.size(2)
+        if end > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} positions; {end} were asked for.")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows in `index` (used when sequences are dropped or reordered)."""
+        self.k = self.k[:, index]
+        self.v = self.v[:, index]
+
+
+_ACTIVATIONS = {
+    "gelu_new": lambda: nn.GELU(approximate="tanh"),
+    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+    "gelu_fast": lambda: nn.GELU(approximate="tanh"),
+    "gelu": lambda: nn.GELU(),
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+    "tanh": nn.Tanh,
+}
+
+
+def activation_fn(name: str) -> nn.Module:
+    if name not in _ACTIVATIONS:
+        raise ConfigError(f"Unsupported activation {name!r}; supported: {sorted(_ACTIVATIONS)}.")
+    return _ACTIVATIONS[name]()
+
+
+class Pretrained(nn.Module):
+    """What every distillery model offers besides forward: device, dtype, size, saving."""
+
+    family: str  # "gpt2" or "roberta"
+    task: str  # "causal-lm", "masked-lm", "base", ...
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def num_parameters(self) -> int:
+        """Unique parameters (tied weights counted once), as transformers counts them."""
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, directory) -> None:
+        """Write config.json + model.safetensors that transformers loads."""
+        from distillery.models.checkpoint import save_pretrained
+
+        save_pretrained(self, directory)
