@@ -1,0 +1,67 @@
+"""Shared fixtures: the ../shared/data folder and tiny random checkpoints saved by transformers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    return Path(os.environ.get("DISTILLERY_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (or $DISTILLERY_SHARED_DATA); tests that need it skip where it is absent."""
+    path = shared_data_dir()
+    if not path.is_dir():
+        pytest.skip(f"real data folder {path} is absent (set DISTILLERY_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _offline_hub(monkeypatch):
+    # Nothing in the tests may reach the hub.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def save_tiny_gpt2(directory: Path, vocab_size: int = 99, seed: int = 0, **overrides) -> Path:
+    """A tiny random GPT-2 (transformers' GPT2LMHeadModel) saved with save_pretrained."""
+    import transformers
+
+    torch.manual_seed(seed)
+    kwargs = dict(vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                  bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
+    kwargs.update(overrides)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**kwargs)).eval()
+    model.save_pretrained(directory)
+    return Path(directory)
+
+
+def save_tiny_roberta(directory: Path, cls_name: str = "RobertaForMaskedLM", vocab_size: int = 99,
+                      seed: int = 0, **overrides) -> Path:
+    """A tiny random RoBERTa of the given transformers class, saved with save_pretrained."""
+    import transformers
+
+    torch.manual_seed(seed)
+    kwargs = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=37, max_position_embeddings=66)
+    kwargs.update(overrides)
+    model = getattr(transformers, cls_name)(transformers.RobertaConfig(**kwargs)).eval()
+    model.save_pretrained(directory)
+    return Path(directory)
+
+
+@pytest.fixture
+def tiny_gpt2_dir(tmp_path) -> Path:
+    return save_tiny_gpt2(tmp_path / "tiny-gpt2")
+
+
+@pytest.fixture
+def tiny_roberta_dir(tmp_path) -> Path:
+    return save_tiny_roberta(tmp_path / "tiny-roberta")
