@@ -99,7 +99,7 @@ class GPT2Config:
                 )
         names = {f for f in cls.__dataclass_fields__ if f != "extra"}
         known = {k: v for k, v in hf.items() if k in names}
-        skip = names | set(unsupported) | {"model_type"}
+        skip = names | set(unsupported) | _HF_DERIVED_KEYS
         extra = {k: v for k, v in hf.items() if k not in skip}
         return cls(**known, extra=extra)
 
@@ -112,6 +112,9 @@ class GPT2Config:
         out.setdefault("n_ctx", self.n_positions)
         return out
 
+
+# config.json keys that are re-derived on save rather than carried over.
+_HF_DERIVED_KEYS = {"model_type", "architectures", "n_ctx", "torch_dtype", "dtype", "transformers_version"}
 
 GPT2_PRESETS: dict[str, dict[str, Any]] = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),

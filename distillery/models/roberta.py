@@ -103,8 +103,9 @@ class RobertaConfig:
         known = {k: v for k, v in hf.items() if k in names}
         if "num_labels" in hf and "id2label" not in hf:
             known["id2label"] = {i: f"LABEL_{i}" for i in range(int(hf["num_labels"]))}
-        extra = {k: v for k, v in hf.items() if k not in names and k not in ("model_type", "num_labels")}
-        extra.pop("label2id", None)
+        derived = {"model_type", "num_labels", "label2id", "architectures", "torch_dtype", "dtype",
+                   "transformers_version"}
+        extra = {k: v for k, v in hf.items() if k not in names and k not in derived}
         return cls(**known, extra=extra)
 
     def to_hf(self) -> dict[str, Any]:
