@@ -1,0 +1,114 @@
+"""`distillery prepare` (tokenize a corpus into token shards) and `distillery student`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from distillery.cli import add_command, print_json
+from distillery.models.common import DistilleryError
+
+
+def register(subparsers) -> None:
+    p = add_command(subparsers, "prepare", prepare_command)
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="text files, folders (searched recursively) or .jsonl files")
+    p.add_argument("--tokenizer", required=True, metavar="TOK",
+                   help="a model folder or tokenizer folder (tokenizer.json or vocab.json + merges.txt)")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="where train.bin, val.bin, meta.json go")
+    p.add_argument("--include", action="append", metavar="GLOB",
+                   help="file name patterns to take from folders (repeatable); default: every text file")
+    p.add_argument("--text-field", default="text", help="the field holding the text in .jsonl lines")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--val-fraction", type=float, default=None,
+                       help="fraction of documents held out for validation (default 0.0005, at least one)")
+    split.add_argument("--val-docs", type=int, default=None, help="number of documents held out instead")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
+    p.add_argument("--overwrite", action="store_true", help="replace data already prepared in --out")
+    p.add_argument("--json", action="store_true", help="print the metadata as JSON")
+
+    p = add_command(subparsers, "student", student_command)
+    p.add_argument("teacher", metavar="TEACHER", help="teacher model folder or hub id")
+    p.add_argument("--layers", default=None, metavar="I,J,...",
+                   help="teacher layers to keep, in order (default: one in two, e.g. 0,2,4,7,9,11 of 12)")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the student")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def prepare_command(args: argparse.Namespace) -> int:
+    """Tokenize a corpus into memory-mapped token files for training and distillation.
+
+    Reads text files, folders (recursively) and .jsonl files one document at a time, tokenizes
+    them in batches on all cores, and writes DIR/train.bin and DIR/val.bin (documents separated
+    by the end-of-text token), DIR/meta.json, DIR/token_counts.npy and a copy of the tokenizer.
+    """
+    from distillery.distill.data import DEFAULT_VAL_FRACTION, prepare_corpus
+    from distillery.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    meta = prepare_corpus(
+        args.inputs, tokenizer, args.out, include=args.include, text_field=args.text_field,
+        val_fraction=DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction,
+        val_docs=args.val_docs, seed=args.seed, overwrite=args.overwrite,
+    )
+    if args.json:
+        print_json(meta)
+        return 0
+    counts = meta["counts"]
+    print(f"prepared {counts['documents']:,} documents from {counts['files']:,} file(s) into {args.out}")
+    print(f"  train: {counts['train_tokens']:,} tokens in {counts['train_documents']:,} documents")
+    print(f"  val:   {counts['val_tokens']:,} tokens in {counts['val_documents']:,} documents")
+    if counts["invalid_utf8_documents"]:
+        print(f"  {counts['invalid_utf8_documents']:,} document(s) held invalid UTF-8, replaced by U+FFFD")
+    if counts["skipped_records"]:
+        print(f"  {counts['skipped_records']:,} .jsonl line(s) without a {args.text_field!r} string were skipped")
+    return 0
+
+
+def student_command(args: argparse.Namespace) -> int:
+    """Make a half-depth student from a teacher: embeddings, chosen blocks, final norm and heads.
+
+    By default keeps one teacher layer in two, first and last included, as DistilBERT,
+    DistilGPT2 and DistilRoBERTa did (12 layers -> 0,2,4,7,9,11). The student is saved in
+    Hugging Face layout with the teacher's tokenizer.
+    """
+    from distillery.distill.student import make_student, parse_layers
+    from distillery.models import load_model
+    from distillery.models.checkpoint import resolve_model_dir
+
+    layers = parse_layers(args.layers) if args.layers is not None else None
+    teacher_dir = resolve_model_dir(args.teacher)
+    out = Path(args.out)
+    if out.resolve() == teacher_dir.resolve():
+        raise DistilleryError(f"--out {out} is the teacher's folder; choose another folder for the student.")
+    teacher = load_model(teacher_dir)
+    student = make_student(teacher, layers)
+    student.save_pretrained(out)
+    tokenizer_copied = _copy_tokenizer(teacher_dir, out)
+    summary = {
+        "teacher": str(args.teacher),
+        "out": str(out),
+        "family": teacher.family,
+        "task": teacher.task,
+        "teacher_layers": teacher.config.num_layers,
+        "layers": student.config.extra["teacher_layers"],
+        "teacher_parameters": teacher.num_parameters(),
+        "student_parameters": student.num_parameters(),
+        "tokenizer_copied": tokenizer_copied,
+    }
+    if args.json:
+        print_json(summary)
+        return 0
+    print(f"student of {args.teacher}: teacher layers {summary['layers']} of {summary['teacher_layers']}")
+    print(f"  parameters: {summary['student_parameters']:,} (teacher {summary['teacher_parameters']:,})")
+    print(f"  saved to {out}" + ("" if tokenizer_copied else " (the teacher folder has no tokenizer to copy)"))
+    return 0
+
+
+def _copy_tokenizer(teacher_dir: Path, out: Path) -> bool:
+    if not any((teacher_dir / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+        return False
+    from distillery.tokenizer import load_tokenizer
+
+    load_tokenizer(teacher_dir).save_pretrained(out)
+    return True
