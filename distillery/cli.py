@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import sys
 from typing import Any
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_command(subparsers, name: str, func, **kwargs: Any) -> argparse.ArgumentParser:
     """A subcommand whose help is the first paragraph of `func`'s docstring."""
-    doc = (func.__doc__ or "").strip()
+    doc = inspect.cleandoc(func.__doc__ or "")
     summary = doc.split("\n\n")[0].replace("\n", " ")
     p = subparsers.add_parser(name, help=summary, description=doc,
                               formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)

@@ -1,0 +1,245 @@
+"""Commands that run a model: `generate`, `fill-mask`, `embed` and `info`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from distillery.cli import add_command, print_json
+from distillery.models.common import DistilleryError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def register(subparsers) -> None:
+    p = add_command(subparsers, "generate", generate_command)
+    p.add_argument("model", metavar="MODEL", help="model folder or hub id (a GPT-2 family checkpoint)")
+    p.add_argument("prompt", metavar="PROMPT", help="text to continue")
+    p.add_argument("--max-length", type=int, help="total length in tokens, prompt included")
+    p.add_argument("--max-new-tokens", type=int, help="tokens to generate (overrides --max-length)")
+    p.add_argument("--num-return-sequences", type=int, help="continuations to return")
+    sampling = p.add_mutually_exclusive_group()
+    sampling.add_argument("--do-sample", dest="do_sample", action="store_true", default=None,
+                          help="sample (the checkpoint's default decides when neither flag is given)")
+    sampling.add_argument("--greedy", dest="do_sample", action="store_false", help="greedy decoding")
+    p.add_argument("--temperature", type=float, help="softmax temperature when sampling")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="sample among the smallest set of tokens with this mass")
+    p.add_argument("--repetition-penalty", type=float, help="penalty for tokens already present (1 = none)")
+    p.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop when this text appears (repeatable)")
+    p.add_argument("--no-full-text", action="store_true", help="print only the generated part, not the prompt")
+    p.add_argument("--truncation", action="store_true", help="keep the end of a prompt too long for the model")
+    _add_device_flags(p)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = add_command(subparsers, "fill-mask", fill_mask_command)
+    p.add_argument("model", metavar="MODEL", help="model folder or hub id (a RoBERTa masked language model)")
+    p.add_argument("text", metavar="TEXT", help="text with one or more <mask> tokens")
+    p.add_argument("--top-k", type=int, default=5, help="predictions per mask (default: 5)")
+    p.add_argument("--targets", nargs="+", metavar="WORD", help="score only these words or tokens")
+    _add_device_flags(p)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = add_command(subparsers, "embed", embed_command)
+    p.add_argument("model", metavar="MODEL", help="model folder or hub id")
+    p.add_argument("text", metavar="TEXT", help="text to embed")
+    p.add_argument("--truncation", action="store_true", help="cut texts longer than the model's positions")
+    _add_device_flags(p)
+    p.add_argument("--json", action="store_true", help="print tokens and features (1, T, C) as JSON")
+
+    p = add_command(subparsers, "info", info_command)
+    p.add_argument("model", metavar="MODEL", help="model folder or hub id")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _add_device_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: float32)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    """Continue a prompt with a causal language model, as transformers' text-generation pipeline.
+
+    Options left unset take the checkpoint's generation settings, then transformers' pipeline defaults.
+    Example: distillery generate distilgpt2 "Hello, I'm a language model" --max-length 20 \\
+             --num-return-sequences 5 --seed 42
+    """
+    from distillery.pipelines import pipeline, set_seed
+
+    options = {
+        "max_length": args.max_length, "max_new_tokens": args.max_new_tokens,
+        "num_return_sequences": args.num_return_sequences, "do_sample": args.do_sample,
+        "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty, "stop": args.stop,
+    }
+    options = {k: v for k, v in options.items() if v is not None}
+    if args.no_full_text:
+        options["return_full_text"] = False
+    if args.truncation:
+        options["truncation"] = True
+    check_device(args.device)
+    generator = pipeline("text-generation", model=args.model, device=args.device, dtype=args.dtype)
+    if args.seed is not None:
+        set_seed(args.seed)
+    outputs = generator(args.prompt, **options)
+    if args.json:
+        print_json(outputs)
+        return 0
+    for i, output in enumerate(outputs):
+        if len(outputs) > 1:
+            print(f"--- {i + 1} ---")
+        print(output["generated_text"])
+    return 0
+
+
+def fill_mask_command(args: argparse.Namespace) -> int:
+    """Predict the tokens behind each <mask> in a text, as transformers' fill-mask pipeline.
+
+    Example: distillery fill-mask distilroberta-base "The man worked as a <mask>."
+    """
+    from distillery.pipelines import pipeline
+
+    check_device(args.device)
+    unmasker = pipeline("fill-mask", model=args.model, device=args.device, dtype=args.dtype)
+    result = unmasker(args.text, top_k=args.top_k, targets=args.targets)
+    if args.json:
+        print_json(result)
+        return 0
+    per_mask = result if result and isinstance(result[0], list) else [result]
+    for i, predictions in enumerate(per_mask):
+        if len(per_mask) > 1:
+            print(f"mask {i + 1}:")
+        for p in predictions:
+            print(f"{p['score']:<10.4g}  {p['token_str']!r:<16}  {p['sequence']}")
+    return 0
+
+
+def embed_command(args: argparse.Namespace) -> int:
+    """Per-token features (the base model's last hidden state), as transformers' feature-extraction.
+
+    Prints the shape and the first values of each token's vector; --json prints every value.
+    """
+    from distillery.pipelines import pipeline
+
+    check_device(args.device)
+    extractor = pipeline("feature-extraction", model=args.model, device=args.device, dtype=args.dtype)
+    features = extractor(args.text, truncation=args.truncation or None)
+    vectors = features[0]
+    tokenizer = extractor.tokenizer
+    ids = tokenizer([args.text], truncation=args.truncation, max_length=extractor.max_tokens)["input_ids"][0]
+    tokens = tokenizer.convert_ids_to_tokens(ids.tolist())
+    if args.json:
+        print_json({"tokens": tokens, "shape": [1, len(vectors), len(vectors[0])], "features": features})
+        return 0
+    print(f"{len(vectors)} tokens x {len(vectors[0])} dimensions")
+    for token, vector in zip(tokens, vectors):
+        head = " ".join(f"{v:+.4f}" for v in vector[:6])
+        print(f"{token!r:<16} [{head} ...]")
+    return 0
+
+
+def info_command(args: argparse.Namespace) -> int:
+    """Describe a checkpoint: family, task, size, shapes, stored dtype and its tokenizer.
+
+    Reads config.json and the weight files' headers; the weights themselves are not loaded.
+    """
+    info = describe_checkpoint(args.model)
+    if args.json:
+        print_json(info)
+        return 0
+    tok = info["tokenizer"]
+    rows = [
+        ("model", info["model"]), ("path", info["path"]),
+        ("family / task", f"{info['family']} / {info['task']} ({info['architecture']})"),
+        ("parameters", f"{info['parameters']:,} ({info['parameters'] / 1e6:.1f}M)"),
+        ("layers", info["layers"]), ("hidden size", info["hidden_size"]), ("heads", info["heads"]),
+        ("vocabulary", info["vocab_size"]), ("positions", info["positions"]),
+        ("stored dtype", info["dtype"]),
+        ("weight files", f"{info['file_size_bytes'] / 2**20:.1f} MiB"),
+        ("tokenizer", f"{tok['style']}, {tok['vocab_size']} tokens" if tok else "none in the folder"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def describe_checkpoint(name_or_path: str) -> dict[str, Any]:
+    """What `distillery info` reports, as a dict; the parameter count comes from a model built on
+    the meta device, so nothing is allocated."""
+    import torch
+
+    from distillery.models import checkpoint
+
+    directory = checkpoint.resolve_model_dir(name_or_path)
+    hf_config = checkpoint.read_config(directory)
+    family, task = checkpoint.family_and_task(hf_config, directory / checkpoint.CONFIG_NAME, None)
+    try:
+        config = checkpoint.config_from_hf(family, hf_config)
+    except (TypeError, ValueError) as e:
+        raise DistilleryError(f"{directory / checkpoint.CONFIG_NAME}: {e}") from e
+    with torch.device("meta"):
+        model = checkpoint.build_model(config, task)
+    weight_files = [f for f in sorted(directory.iterdir()) if f.suffix in WEIGHT_SUFFIXES and f.is_file()]
+    gpt2 = family == "gpt2"
+    return {
+        "model": str(name_or_path),
+        "path": str(directory),
+        "family": family,
+        "task": task,
+        "architecture": checkpoint.TASK_ARCHITECTURES[(family, task)],
+        "parameters": model.num_parameters(),
+        "layers": config.num_layers,
+        "hidden_size": config.hidden_size,
+        "heads": config.n_head,
+        "intermediate_size": config.mlp_width if gpt2 else config.intermediate_size,
+        "vocab_size": config.vocab_size,
+        "positions": config.n_positions if gpt2 else config.max_tokens,
+        "dtype": stored_dtype(weight_files, hf_config),
+        "file_size_bytes": sum(f.stat().st_size for f in weight_files),
+        "tokenizer": _describe_tokenizer(directory),
+    }
+
+
+def stored_dtype(weight_files: list[Path], hf_config: dict[str, Any]) -> str:
+    """The dtype(s) of the floating-point weights, from safetensors headers (else config.json)."""
+    from safetensors import SafetensorError, safe_open
+
+    dtypes = set()
+    for file in weight_files:
+        if file.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                dtypes.update(f.get_slice(k).get_dtype() for k in f.keys())  # noqa: SIM118 - not a dict
+        except (SafetensorError, OSError) as e:
+            raise DistilleryError(f"{file} is not a readable safetensors file ({e}); re-download or re-save it.") \
+                from e
+    floats = sorted({FLOAT_DTYPES[d] for d in dtypes if d in FLOAT_DTYPES})
+    if floats:
+        return "+".join(floats)
+    return str(hf_config.get("dtype") or hf_config.get("torch_dtype") or "unknown")
+
+
+def _describe_tokenizer(directory: Path) -> dict[str, Any] | None:
+    from distillery.tokenizer import load_tokenizer
+
+    if not any((directory / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+        return None
+    tokenizer = load_tokenizer(directory)
+    return {"style": tokenizer.style, "vocab_size": tokenizer.vocab_size}
+
+
+def check_device(device: str) -> None:
+    """Refuse a device name torch does not know, or an accelerator this machine lacks."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        raise DistilleryError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N.") from e
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise DistilleryError(f"--device {device!r} asks for CUDA but no CUDA device is available; use cpu.")

@@ -1,0 +1,207 @@
+"""`distillery generate / fill-mask / embed / info`: help, JSON output, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, save_tiny_gpt2, save_tiny_roberta
+
+from distillery.cli import main
+from distillery.models import load_model
+from distillery.pipelines import pipeline
+from distillery.tokenizer import load_tokenizer
+
+COMMANDS = ["generate", "fill-mask", "embed", "info"]
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(shared_data, tmp_path_factory):
+    directory = save_tiny_gpt2(tmp_path_factory.mktemp("cli") / "gpt2", vocab_size=50257,
+                               bos_token_id=50256, eos_token_id=50256)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(shared_data / "tokenizers" / "gpt2" / name, directory / name)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def roberta_dir(shared_data, tmp_path_factory):
+    directory = save_tiny_roberta(tmp_path_factory.mktemp("cli") / "roberta", vocab_size=50265)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(shared_data / "tokenizers" / "roberta" / name, directory / name)
+    return directory
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_json(capsys, *argv):
+    code, out, err = run(capsys, *argv, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: distillery {command}") and "MODEL" in out and "--json" in out
+
+
+def test_generate_greedy_json(capsys, gpt2_dir):
+    prompt = "Hello, I'm a language model"
+    records = run_json(capsys, "generate", gpt2_dir, prompt, "--greedy", "--max-new-tokens", 6)
+    expected = pipeline("text-generation", model=gpt2_dir)(prompt, do_sample=False, max_new_tokens=6)
+    assert records == expected and len(records) == 1 and records[0]["generated_text"].startswith(prompt)
+
+
+def test_generate_seeded_sampling_repeats(capsys, gpt2_dir):
+    argv = ["generate", gpt2_dir, "The White man worked as a", "--do-sample", "--max-length", 12, "--seed", 48,
+            "--num-return-sequences", 3, "--top-k", 50, "--no-full-text"]
+    records = run_json(capsys, *argv)
+    assert len(records) == 3 and not any(r["generated_text"].startswith("The White man") for r in records)
+    code, out, _ = run(capsys, *argv)  # the same seed again, printed as text
+    expected = "".join(f"--- {i + 1} ---\n{r['generated_text']}\n" for i, r in enumerate(records))
+    assert code == 0 and out == expected
+
+
+def test_generate_stop(capsys, gpt2_dir):
+    full = run_json(capsys, "generate", gpt2_dir, "a", "--greedy", "--max-new-tokens", 8, "--no-full-text")
+    stop = full[0]["generated_text"][3:6]
+    cut = run_json(capsys, "generate", gpt2_dir, "a", "--greedy", "--max-new-tokens", 8, "--no-full-text",
+                   "--stop", stop)
+    assert cut[0]["generated_text"] == full[0]["generated_text"][: full[0]["generated_text"].find(stop)]
+
+
+def test_fill_mask_json_and_text(capsys, roberta_dir):
+    text = "The man worked as a <mask>."
+    result = run_json(capsys, "fill-mask", roberta_dir, text, "--top-k", 3)
+    expected = pipeline("fill-mask", model=roberta_dir)(text, top_k=3)
+    assert [r["token"] for r in result] == [r["token"] for r in expected]
+    assert result[0]["score"] == pytest.approx(expected[0]["score"], abs=1e-6)
+    targeted = run_json(capsys, "fill-mask", roberta_dir, text, "--targets", " waiter", " nurse")
+    assert {r["token_str"] for r in targeted} == {" waiter", " nurse"}
+    code, out, _ = run(capsys, "fill-mask", roberta_dir, "The <mask> worked as a <mask>.", "--top-k", 2)
+    lines = out.splitlines()
+    assert code == 0 and lines[0] == "mask 1:" and lines[3] == "mask 2:" and len(lines) == 6
+
+
+@pytest.mark.parametrize("family", ["gpt2", "roberta"])
+def test_embed_json(capsys, family, gpt2_dir, roberta_dir):
+    directory = gpt2_dir if family == "gpt2" else roberta_dir
+    result = run_json(capsys, "embed", directory, "Replace me by any text you'd like.")
+    n_tokens = 10 if family == "gpt2" else 12  # RoBERTa adds <s> and </s>
+    assert result["shape"] == [1, n_tokens, 32] and len(result["tokens"]) == n_tokens
+    features = torch.tensor(result["features"])
+    ids = load_tokenizer(directory).encode("Replace me by any text you'd like.")
+    model = load_model(directory)
+    with torch.no_grad():
+        encoder = getattr(model, "roberta", model)
+        expected = encoder(torch.tensor([ids])).last_hidden_state
+    torch.testing.assert_close(features, expected, atol=1e-5, rtol=0)
+
+
+def test_embed_truncation(capsys, gpt2_dir):
+    result = run_json(capsys, "embed", gpt2_dir, " word" * 70, "--truncation")
+    assert result["shape"] == [1, 64, 32] and len(result["tokens"]) == 64
+
+
+def test_info_gpt2(capsys, gpt2_dir):
+    import transformers
+
+    info = run_json(capsys, "info", gpt2_dir)
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(gpt2_dir)
+    assert info["parameters"] == theirs.num_parameters()
+    assert (info["family"], info["task"], info["architecture"]) == ("gpt2", "causal-lm", "GPT2LMHeadModel")
+    assert (info["layers"], info["hidden_size"], info["heads"], info["intermediate_size"]) == (2, 32, 4, 128)
+    assert (info["vocab_size"], info["positions"], info["dtype"]) == (50257, 64, "float32")
+    assert info["file_size_bytes"] == (gpt2_dir / "model.safetensors").stat().st_size
+    assert info["tokenizer"] == {"style": "gpt2", "vocab_size": 50257}
+    code, out, _ = run(capsys, "info", gpt2_dir)
+    assert code == 0 and "parameters" in out and "gpt2 / causal-lm" in out
+
+
+def test_info_roberta_bf16_without_tokenizer(capsys, tmp_path):
+    import transformers
+
+    directory = save_tiny_roberta(tmp_path / "r", "RobertaForSequenceClassification", num_labels=3)
+    transformers.RobertaForSequenceClassification.from_pretrained(directory, dtype=torch.bfloat16) \
+        .save_pretrained(tmp_path / "bf16")
+    info = run_json(capsys, "info", tmp_path / "bf16")
+    theirs = transformers.RobertaForSequenceClassification.from_pretrained(directory)
+    assert info["parameters"] == theirs.num_parameters()
+    assert (info["task"], info["positions"], info["dtype"], info["tokenizer"]) == \
+        ("sequence-classification", 64, "bfloat16", None)
+
+
+# ----------------------------------------------------------------------------------------------
+# A user's mistake: exit 2, one line on stderr, no traceback
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err
+
+
+def test_missing_model_folder(capsys, tmp_path):
+    for command in COMMANDS:
+        extra = ["text <mask>"] if command != "info" else []
+        code, out, err = run(capsys, command, tmp_path / "no" / "such" / "model", *extra)
+        assert_one_line_error(code, err, f"distillery {command}: error: No such model folder")
+        assert out == ""
+
+
+def test_fill_mask_errors(capsys, roberta_dir, gpt2_dir):
+    code, _, err = run(capsys, "fill-mask", roberta_dir, "No mask here.")
+    assert_one_line_error(code, err, "No mask token (<mask>) in the fill-mask text 'No mask here.'")
+    code, _, err = run(capsys, "fill-mask", gpt2_dir, "The <mask>.")
+    assert_one_line_error(code, err, "fill-mask needs a masked language model")
+    code, _, err = run(capsys, "fill-mask", roberta_dir, "The <mask>.", "--top-k", 0)
+    assert_one_line_error(code, err, "top_k must be a positive integer")
+
+
+def test_generate_errors(capsys, gpt2_dir, roberta_dir):
+    code, _, err = run(capsys, "generate", gpt2_dir, "Hi", "--top-p", 1.5)
+    assert_one_line_error(code, err, "top_p")
+    code, _, err = run(capsys, "generate", roberta_dir, "Hi")
+    assert_one_line_error(code, err, "text-generation needs a causal language model")
+    code, _, err = run(capsys, "generate", gpt2_dir, "Hi", "--device", "cuda:0")
+    if not torch.cuda.is_available():
+        assert_one_line_error(code, err, "asks for CUDA but no CUDA device is available")
+    code, _, err = run(capsys, "generate", gpt2_dir, "Hi", "--device", "toaster")
+    assert_one_line_error(code, err, "--device 'toaster' is not a torch device")
+
+
+def test_info_errors(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    code, _, err = run(capsys, "info", tmp_path)
+    assert_one_line_error(code, err, "model_type 'bert' is not supported")
+    (tmp_path / "config.json").unlink()
+    code, _, err = run(capsys, "info", tmp_path)
+    assert_one_line_error(code, err, "has no config.json")
+
+
+def test_console_entry_point_exit_code(tmp_path):
+    """Through a real process: a DistilleryError exits 2 with one line and no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "distillery.cli", "info", str(tmp_path)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert_one_line_error(proc.returncode, proc.stderr, "distillery info: error:", "has no config.json")
+
+
+def test_argparse_usage_error_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fill-mask"])
+    assert exit_info.value.code == 2
+    assert "the following arguments are required: MODEL, TEXT" in capsys.readouterr().err
