@@ -1,1 +1,86 @@
-"""distillery.pipelines"""
+"""Pipelines with transformers' names, arguments and output shapes.
+
+    >>> from distillery.pipelines import pipeline, set_seed
+    >>> generator = pipeline("text-generation", model="distilgpt2")
+    >>> set_seed(42)
+    >>> generator("Hello, I’m a language model", max_length=20, num_return_sequences=5)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from distillery.models.common import DistilleryError, Pretrained
+
+TASKS = ("text-generation", "fill-mask", "feature-extraction")
+
+__all__ = ["TASKS", "pipeline", "set_seed"]
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python's `random`, numpy and torch (every device), as transformers.set_seed does."""
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise DistilleryError(f"set_seed takes an integer seed, got {seed!r}.")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds CUDA devices too
+
+
+def pipeline(
+    task: str,
+    model: str | os.PathLike | Pretrained,
+    tokenizer: Any = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    **kwargs: Any,
+):
+    """Build the pipeline for `task` ("text-generation", "fill-mask" or "feature-extraction").
+
+    `model` is a local folder or hub id (the tokenizer is then read from the same place unless
+    `tokenizer` names another), or a loaded distillery model together with its `tokenizer` (a
+    Tokenizer or a folder). Extra keyword arguments go to the pipeline's constructor (for
+    text-generation: generation settings that apply to every call).
+    """
+    from distillery.models.checkpoint import load_model, read_config, resolve_dtype, resolve_model_dir
+
+    if task not in TASKS:
+        raise DistilleryError(f"Unknown pipeline task {task!r}; choose one of {list(TASKS)}.")
+    directory = None
+    if isinstance(model, Pretrained):
+        if tokenizer is None:
+            raise DistilleryError("pipeline() got a loaded model but no tokenizer; pass tokenizer=... as well.")
+        model = model.to(device)
+        if dtype is not None:
+            model = model.to(resolve_dtype(dtype))
+    else:
+        directory = resolve_model_dir(model)
+        head = None
+        if task == "fill-mask" and read_config(directory).get("model_type") == "roberta":
+            head = "masked-lm"  # as transformers loads AutoModelForMaskedLM
+        model = load_model(directory, task=head, dtype=dtype, device=device)
+        tokenizer = tokenizer if tokenizer is not None else directory
+    if not hasattr(tokenizer, "decode"):
+        from distillery.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer)
+
+    if task == "text-generation":
+        from distillery.pipelines.text_generation import (
+            TextGenerationPipeline,
+            checkpoint_generation_defaults,
+        )
+
+        defaults = checkpoint_generation_defaults(model, directory)
+        return TextGenerationPipeline(model, tokenizer, generation_defaults=defaults, **kwargs)
+    if task == "fill-mask":
+        from distillery.pipelines.fill_mask import FillMaskPipeline
+
+        return FillMaskPipeline(model, tokenizer, **kwargs)
+    from distillery.pipelines.feature_extraction import FeatureExtractionPipeline
+
+    return FeatureExtractionPipeline(model, tokenizer, **kwargs)

@@ -1,0 +1,171 @@
+"""The decoding loop: prefill, one-token decode steps, EOS handling. Knows nothing about text.
+
+    tokens = generate(model, input_ids, attention_mask, GenerationConfig(max_new_tokens=20))
+
+The model is anything with `new_cache(batch, max_length)` and a forward taking
+`(input_ids, attention_mask=, cache=, logits_to_keep=)` that returns `.logits` (distillery's GPT2).
+The KV cache is preallocated for the whole run, the LM head runs at the last position only, and
+batches are left-padded: the attention mask hides the pads and positions count real tokens only, so
+each row yields exactly the tokens it yields alone.
+
+Behaviour follows transformers' `generate` (greedy search and multinomial sampling): the prompt
+batch is expanded with repeat_interleave for `num_return_sequences`; scores are float32; every row
+is sampled at every step (finished ones too, so the random stream is the one transformers
+consumes); a finished row then gets `pad_token_id`; the loop ends when every row has finished or the
+length limit is reached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from distillery.generation.config import GenerationConfig
+from distillery.generation.sampling import process_logits, sample_next
+from distillery.models.common import ConfigError, DistilleryError, KVCache
+
+# Called after each step with the (B,) tokens just chosen; returns (B,) bool: rows that end here.
+StopCheck = Callable[[torch.Tensor], torch.Tensor]
+
+
+def prefill(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache
+) -> torch.Tensor:
+    """Run the whole prompt (B, T) through the model, filling `cache`; return (B, V) float32 logits
+    for the token after it."""
+    out = model(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1)
+    return out.logits[:, -1].float()
+
+
+def decode_step(
+    model: nn.Module, tokens: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Feed one token per row (B,) after what `cache` holds; return (B, V) float32 next-token logits.
+
+    `attention_mask` (B, cache.length + 1) is needed only when the batch holds padding.
+    """
+    out = model(tokens[:, None], attention_mask=attention_mask, cache=cache, logits_to_keep=1)
+    return out.logits[:, -1].float()
+
+
+@torch.inference_mode()
+def stream(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    config: GenerationConfig | None = None,
+    stop: StopCheck | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B * num_return_sequences,), one step at a time.
+
+    `input_ids` (B, T) are left-padded prompts with `attention_mask` (B, T) (1 = token, 0 = pad);
+    rows come out in transformers' order: each prompt's num_return_sequences copies together.
+    `stop` may end rows early (stop strings); an ended row yields `pad_token_id` from then on.
+    """
+    config = config or GenerationConfig()
+    if not hasattr(model, "new_cache"):
+        raise DistilleryError(
+            f"{type(model).__name__} cannot generate text; load a causal language model (GPT-2 family)."
+        )
+    if input_ids.dim() != 2 or input_ids.size(1) == 0:
+        raise ConfigError(f"input_ids must have shape (batch, length >= 1), got {tuple(input_ids.shape)}.")
+    device = model.device
+    input_ids = input_ids.to(device)
+    n = config.num_return_sequences
+    input_ids = input_ids.repeat_interleave(n, dim=0)
+    B, T = input_ids.shape
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device).repeat_interleave(n, dim=0)
+        if attention_mask.shape != input_ids.shape:
+            raise ConfigError(
+                f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                f"got {tuple(attention_mask.shape)}."
+            )
+        if bool(attention_mask.all()):
+            attention_mask = None  # no padding: the faster plain-causal path
+    new_tokens = config.new_tokens_for(T)
+    _check_fits(model, T, new_tokens)
+    if new_tokens == 0:
+        return
+
+    eos = torch.tensor(config.eos_token_ids, dtype=torch.long, device=device)
+    pad_id = config.pad_token_id if config.pad_token_id is not None else (
+        config.eos_token_ids[0] if config.eos_token_ids else None
+    )
+    seen = _prompt_tokens(input_ids, attention_mask, model) if config.repetition_penalty != 1.0 else None
+    # The mask for the whole run, filled as tokens arrive; new tokens are always real (even pads
+    # given to finished rows, as in transformers).
+    mask = None
+    if attention_mask is not None:
+        mask = torch.ones(B, T + new_tokens, dtype=attention_mask.dtype, device=device)
+        mask[:, :T] = attention_mask
+
+    cache = model.new_cache(B, T + new_tokens)
+    logits = prefill(model, input_ids, attention_mask, cache)
+    unfinished = torch.ones(B, dtype=torch.bool, device=device)
+    for step in range(new_tokens):
+        scores = process_logits(logits, seen[:, :-1] if seen is not None else None, config)
+        tokens = sample_next(scores, config.greedy)
+        if pad_id is not None:
+            tokens = torch.where(unfinished, tokens, pad_id)
+        yield tokens
+        if seen is not None:
+            seen[torch.arange(B, device=device), tokens.clamp(max=seen.size(1) - 1)] = True
+        if eos.numel():
+            unfinished &= ~torch.isin(tokens, eos)
+        if stop is not None:
+            unfinished &= ~stop(tokens)
+        if step == new_tokens - 1 or not bool(unfinished.any()):
+            return
+        step_mask = mask[:, : T + step + 1] if mask is not None else None
+        logits = decode_step(model, tokens, cache, step_mask)
+
+
+def generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    config: GenerationConfig | None = None,
+    stop: StopCheck | None = None,
+) -> torch.Tensor:
+    """Prompts (B, T) -> (B * num_return_sequences, T + generated) token ids, prompts included.
+
+    Rows that finish early (EOS or `stop`) are padded with `pad_token_id` up to the longest row, as
+    transformers' `generate` returns them.
+    """
+    n = (config or GenerationConfig()).num_return_sequences
+    prompts = input_ids.to(model.device).repeat_interleave(n, dim=0)
+    steps = list(stream(model, input_ids, attention_mask, config, stop))
+    if not steps:
+        return prompts
+    return torch.cat([prompts, torch.stack(steps, dim=1)], dim=1)
+
+
+def _check_fits(model: nn.Module, prompt_length: int, new_tokens: int) -> None:
+    positions = getattr(model.config, "n_positions", None)
+    if positions is None or prompt_length + new_tokens <= positions:
+        return
+    if prompt_length > positions:
+        raise ConfigError(
+            f"The prompt is {prompt_length} tokens long but the model has only {positions} positions; "
+            "shorten the prompt (or truncate it)."
+        )
+    raise ConfigError(
+        f"The prompt ({prompt_length} tokens) plus {new_tokens} new tokens exceeds the model's {positions} "
+        f"positions; ask for at most {positions - prompt_length} new tokens (max_new_tokens / max_length)."
+    )
+
+
+def _prompt_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, model: nn.Module) -> torch.Tensor:
+    """(B, V + 1) bool: which tokens each prompt holds, left pads not counted (as transformers).
+
+    The extra last column absorbs pads and any id beyond the LM head's vocabulary.
+    """
+    vocab = model.config.vocab_size
+    ids = input_ids.clamp(max=vocab)
+    if attention_mask is not None:
+        ids = ids.masked_fill(attention_mask == 0, vocab)
+    seen = torch.zeros(input_ids.size(0), vocab + 1, dtype=torch.bool, device=input_ids.device)
+    return seen.scatter_(1, ids, True)
