@@ -1,0 +1,315 @@
+"""Evaluation commands: `eval perplexity|bias|speed`, `glue`, `token-classification`, `question-answering`,
+`finetune`, `card`.
+
+Every evaluation can save its result with --save FILE; saved under a run or model folder as
+eval/<name>.json (see distillery.evaluate.card.EVAL_FILES) it is what `distillery card` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from distillery.cli import add_command, print_json
+from distillery.models.common import DistilleryError
+
+DEFAULT_BIAS_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "bias"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="measure a model: perplexity, bias, speed",
+                              description="Measure a model: perplexity, bias probes, speed.")
+    evals = p.add_subparsers(dest="eval_command", metavar="WHAT", required=True)
+
+    q = add_command(evals, "perplexity", perplexity_command)
+    q.add_argument("model", metavar="MODEL", help="model folder or hub id (causal or masked LM)")
+    q.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text file, scored as it is")
+    q.add_argument("--max-length", type=int, help="window length in tokens (default: the model's context)")
+    q.add_argument("--stride", type=int, help="tokens between window starts (default: half the window)")
+    q.add_argument("--batch-size", type=int, default=8, help="windows (or masked copies) per forward pass")
+    _add_common(q)
+
+    q = add_command(evals, "bias", bias_command)
+    q.add_argument("model", metavar="MODEL", help="model folder or hub id")
+    q.add_argument("--data", default=str(DEFAULT_BIAS_DATA), metavar="DIR",
+                   help="the bias data folder (crows_pairs/, stereoset_editbias_subsets/, honest/, hurtlex/, winobias/; "
+                        "default: ../shared/data/bias)")
+    q.add_argument("--limit", type=int, help="use only the first N items of each probe (WinoBias: of each type)")
+    _add_common(q)
+
+    q = add_command(evals, "speed", speed_command)
+    q.add_argument("student", metavar="STUDENT", help="the small model's folder")
+    q.add_argument("teacher", metavar="TEACHER", help="the big model's folder")
+    q.add_argument("--batch-size", type=int, default=8, help="sequences per encoding batch (default: 8)")
+    q.add_argument("--seq-len", type=int, default=256, help="tokens per encoded sequence (default: 256)")
+    q.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per generation run (default: 64)")
+    q.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported (default: 3)")
+    _add_common(q)
+
+    q = add_command(subparsers, "glue", glue_command)
+    q.add_argument("task", metavar="TASK", help="cola, sst2, mrpc, stsb, rte, qnli, qqp, mnli or wnli")
+    q.add_argument("model", metavar="MODEL", help="a RoBERTa checkpoint (its head is sized for the task)")
+    q.add_argument("--data", required=True, metavar="DIR", help="the task's GLUE folder (train.tsv, dev.tsv)")
+    q.add_argument("--epochs", type=int, default=3)
+    q.add_argument("--batch-size", type=int, default=16)
+    q.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (default: 2e-5)")
+    q.add_argument("--warmup-ratio", type=float, default=0.06, help="share of steps spent warming up")
+    q.add_argument("--weight-decay", type=float, default=0.01)
+    q.add_argument("--max-length", type=int, default=128, help="tokens per example, pair included")
+    q.add_argument("--max-train-examples", type=int, help="fine-tune on a random subset of this size")
+    q.add_argument("--seed", type=int, default=42)
+    q.add_argument("--output-dir", metavar="DIR", help="save the fine-tuned model here")
+    _add_common(q)
+
+    q = add_command(subparsers, "token-classification", token_classification_command)
+    q.add_argument("model", metavar="MODEL", help="a RoBERTa checkpoint (a new tagging head is added)")
+    q.add_argument("--train", required=True, metavar="FILE", help="CoNLL-style training file (word ... tag)")
+    q.add_argument("--dev", required=True, metavar="FILE", help="CoNLL-style evaluation file")
+    q.add_argument("--epochs", type=int, default=3)
+    q.add_argument("--batch-size", type=int, default=16)
+    q.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (default: 5e-5)")
+    q.add_argument("--warmup-ratio", type=float, default=0.06)
+    q.add_argument("--weight-decay", type=float, default=0.01)
+    q.add_argument("--max-length", type=int, default=128)
+    q.add_argument("--seed", type=int, default=42)
+    _add_common(q)
+
+    q = add_command(subparsers, "question-answering", question_answering_command)
+    q.add_argument("model", metavar="MODEL", help="a RoBERTa checkpoint (a new span head is added)")
+    q.add_argument("--train", required=True, metavar="FILE", help="SQuAD-style training JSON")
+    q.add_argument("--dev", required=True, metavar="FILE", help="SQuAD-style evaluation JSON")
+    q.add_argument("--epochs", type=int, default=2)
+    q.add_argument("--batch-size", type=int, default=12)
+    q.add_argument("--lr", type=float, default=3e-5, help="peak learning rate (default: 3e-5)")
+    q.add_argument("--warmup-ratio", type=float, default=0.06)
+    q.add_argument("--weight-decay", type=float, default=0.01)
+    q.add_argument("--max-length", type=int, default=384, help="tokens per window, question included")
+    q.add_argument("--doc-stride", type=int, default=128, help="tokens shared by consecutive context windows")
+    q.add_argument("--seed", type=int, default=42)
+    _add_common(q)
+
+    q = add_command(subparsers, "finetune", finetune_command)
+    q.add_argument("model", metavar="MODEL", help="a GPT-2 family checkpoint")
+    q.add_argument("--train", required=True, metavar="FILE", help="UTF-8 training text, used as it is")
+    q.add_argument("--eval", metavar="FILE", help="score this text's perplexity after training")
+    q.add_argument("--out", required=True, metavar="DIR", help="where to save the fine-tuned model and results.json")
+    q.add_argument("--epochs", type=int, default=1)
+    q.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    q.add_argument("--block-size", type=int, default=512, help="tokens per training block (default: 512)")
+    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (default: 5e-5)")
+    q.add_argument("--warmup-ratio", type=float, default=0.0)
+    q.add_argument("--weight-decay", type=float, default=0.0)
+    q.add_argument("--stride", type=int, help="perplexity stride for --eval (default: half the block)")
+    q.add_argument("--seed", type=int, default=42)
+    q.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    q.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    q = add_command(subparsers, "card", card_command)
+    q.add_argument("source", metavar="RUN_OR_MODEL", help="a run folder (config.yaml, metrics.jsonl) or a model folder")
+    q.add_argument("--out", required=True, metavar="README.md", help="where to write the card")
+    q.add_argument("--teacher-eval", metavar="DIR", help="the teacher's eval/ folder, for side-by-side numbers")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--save", metavar="FILE", help="also write the result as JSON (e.g. RUN/eval/perplexity.json)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _finish(args: argparse.Namespace, result: dict[str, Any], lines: list[str]) -> int:
+    if args.save:
+        from distillery.models.checkpoint import write_json
+
+        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+        write_json(Path(args.save), result)
+    if args.json:
+        print_json(result)
+    else:
+        print("\n".join(lines))
+    return 0
+
+
+def perplexity_command(args: argparse.Namespace) -> int:
+    """Perplexity of a model on a text file (sliding window; masked LMs: pseudo-perplexity).
+
+    The method of Hugging Face's "Perplexity of fixed-length models" guide, plus the
+    lm-evaluation-harness word perplexity, byte perplexity and bits per byte of the file.
+    """
+    from distillery.evaluate.perplexity import perplexity, read_text
+    from distillery.models import load_model
+    from distillery.tokenizer import load_tokenizer
+
+    text = read_text(args.data)
+    model = load_model(args.model, device=args.device)
+    tokenizer = load_tokenizer(args.model)
+    result = perplexity(model, tokenizer, text, args.max_length, args.stride, args.batch_size,
+                        source=args.data, progress=True)
+    result = {"model": args.model, "data": args.data, **result}
+    return _finish(args, result, [
+        f"perplexity {result['perplexity']:.3f} over {result['tokens']} tokens ({result['method']}, "
+        f"max_length {result['max_length']}, stride {result['stride']})",
+        f"word perplexity {result['word_perplexity']:.3f}, byte perplexity {result['byte_perplexity']:.4f}, "
+        f"bits per byte {result['bits_per_byte']:.4f}",
+    ])
+
+
+def bias_command(args: argparse.Namespace) -> int:
+    """Bias probes: the model cards' demonstrations, CrowS-Pairs, StereoSet, HONEST and WinoBias per category."""
+    from distillery.evaluate.bias import bias_report
+
+    if not Path(args.data).is_dir():
+        raise DistilleryError(f"--data {args.data} is not a folder; pass the bias data folder (../shared/data/bias).")
+    result = bias_report(args.model, args.data, args.limit)
+    lines = []
+    for kind, rows in result["demonstrations"].items():
+        for row in rows:
+            lines.append(f"{kind}: {row['prompt']}")
+            for item in row.get("generations", []):
+                lines.append(f"    {item!r}")
+            for fill in row.get("fills", []):
+                lines.append(f"    {fill['token_str']!r:>16} {fill['score']:.4g}")
+    for title, key in (("CrowS-Pairs", "crows_pairs"), ("WinoBias", "winobias")):
+        pairs = result[key]
+        lines.append(f"{title} ({pairs['scoring']}): {pairs['metric']}, 95% Wilson interval")
+        for name, s in [("all", pairs["all"]), *pairs["categories"].items()]:
+            lines.append(f"  {name:<22} {s['percent']:5.1f}  [{s['ci95'][0]:5.1f}, {s['ci95'][1]:5.1f}]  n={s['pairs']}")
+    lines.append("StereoSet intrasentence: LM score, stereotype score [95% Wilson interval], ICAT")
+    for name, s in [("all", result["stereoset"]["all"]), *result["stereoset"]["categories"].items()]:
+        lines.append(f"  {name:<22} {s['lm_score']:5.1f}  {s['stereotype_score']:5.1f} [{s['ss_ci95'][0]:5.1f}, "
+                     f"{s['ss_ci95'][1]:5.1f}]  {s['icat']:5.1f}  n={s['examples']}")
+    lines.append(f"HONEST (top-{result['honest']['k']}): percent of completions in HurtLex [95% Wilson interval]")
+    for name, s in [("all", result["honest"]["all"]), *result["honest"]["categories"].items()]:
+        lines.append(f"  {name:<22} {s['honest']:5.2f} [{s['ci95'][0]:5.2f}, {s['ci95'][1]:5.2f}]  n={s['completions']}")
+    return _finish(args, result, lines)
+
+
+def speed_command(args: argparse.Namespace) -> int:
+    """Student against teacher: parameters, decoding tokens/s, encoding throughput, and the ratios."""
+    from distillery.evaluate.speed import compare_speed
+
+    result = compare_speed(args.student, args.teacher, batch_size=args.batch_size, seq_len=args.seq_len,
+                           new_tokens=args.new_tokens, repeats=args.repeats, device=args.device)
+    lines = [f"{'':<10} {'parameters':>14} {'decode tok/s':>13} {'encode tok/s':>13}"]
+    for name in ("student", "teacher"):
+        m = result[name]
+        decode = f"{m['decode_tokens_per_s']:.1f}" if m["decode_tokens_per_s"] else "–"
+        lines.append(f"{name:<10} {m['parameters']:>14,} {decode:>13} {m['encode_tokens_per_s']:>13.1f}")
+    lines.append(f"student/teacher: {result['ratios']}")
+    return _finish(args, result, lines)
+
+
+def glue_command(args: argparse.Namespace) -> int:
+    """Fine-tune a RoBERTa model on one GLUE task and score its dev set(s).
+
+    AdamW with linear warm-up and linear decay; prints the task's metrics and the results row
+    in the model cards' layout.
+    """
+    from distillery.evaluate import glue
+    from distillery.tokenizer import load_tokenizer
+
+    task = glue.get_task(args.task)
+    splits = glue.read_task(task, args.data)
+    model = glue.load_classifier(args.model, task, args.device)
+    tokenizer = load_tokenizer(args.model)
+    settings = glue.FinetuneSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+                                     weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+                                     max_length=args.max_length, seed=args.seed,
+                                     max_train_examples=args.max_train_examples)
+    result = {"model": args.model, **glue.finetune_glue(model, tokenizer, task, splits, settings)}
+    if args.output_dir:
+        model.save_pretrained(args.output_dir)
+        tokenizer.save_pretrained(args.output_dir)
+    lines = [f"{task.name} {split}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "examples")
+             + f" ({m['examples']} examples)" for split, m in result["metrics"].items()]
+    lines.append(glue.card_row({task.name: result["card_score"]}))
+    return _finish(args, result, lines)
+
+
+def token_classification_command(args: argparse.Namespace) -> int:
+    """Fine-tune a RoBERTa tagger on a CoNLL-style file and score entity F1 on another."""
+    from distillery.evaluate import tasks
+    from distillery.evaluate.glue import FinetuneSettings
+    from distillery.tokenizer import load_tokenizer
+
+    train, dev = tasks.read_conll(args.train), tasks.read_conll(args.dev)
+    tags = tasks.tag_set(train)
+    model = tasks.load_tagger(args.model, tags, args.device)
+    settings = FinetuneSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+                                weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+                                max_length=args.max_length, seed=args.seed)
+    result = {"model": args.model, **tasks.finetune_tagger(model, load_tokenizer(args.model), train, dev, tags, settings)}
+    m = result["metrics"]["dev"]
+    return _finish(args, result, [f"entity precision {m['precision']:.4f}, recall {m['recall']:.4f}, F1 {m['f1']:.4f}; "
+                                  f"token accuracy {m['accuracy']:.4f} ({m['examples']} sentences)"])
+
+
+def question_answering_command(args: argparse.Namespace) -> int:
+    """Fine-tune RoBERTa for extractive question answering (SQuAD-style JSON, windows with a doc stride)."""
+    from distillery.evaluate import tasks
+    from distillery.evaluate.glue import FinetuneSettings
+    from distillery.models import load_model
+    from distillery.tokenizer import load_tokenizer
+
+    train, dev = tasks.read_squad(args.train), tasks.read_squad(args.dev)
+    model = load_model(args.model, task="question-answering", device=args.device)
+    settings = FinetuneSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+                                weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+                                max_length=args.max_length, seed=args.seed)
+    result = {"model": args.model, **tasks.finetune_qa(model, load_tokenizer(args.model), train, dev, settings,
+                                                       doc_stride=args.doc_stride)}
+    m = result["metrics"]["dev"]
+    return _finish(args, result, [f"exact match {m['exact_match']:.2f}, F1 {m['f1']:.2f} ({m['examples']} questions)"])
+
+
+def finetune_command(args: argparse.Namespace) -> int:
+    """Fine-tune a causal LM on a text file (run_clm's recipe), then optionally score a text's perplexity.
+
+    Saves the model, its tokenizer and results.json (settings, loss curve, perplexity) under --out.
+    """
+    from distillery.evaluate.finetune import CausalFinetuneSettings, finetune_causal_lm
+    from distillery.evaluate.perplexity import perplexity, read_text
+    from distillery.models import load_model
+    from distillery.models.checkpoint import write_json
+    from distillery.tokenizer import load_tokenizer
+
+    train_text = read_text(args.train)
+    eval_text = read_text(args.eval) if args.eval else None
+    model = load_model(args.model, device=args.device)
+    tokenizer = load_tokenizer(args.model)
+    settings = CausalFinetuneSettings(epochs=args.epochs, block_size=args.block_size, batch_size=args.batch_size,
+                                      learning_rate=args.lr, weight_decay=args.weight_decay,
+                                      warmup_ratio=args.warmup_ratio, max_steps=args.max_steps, seed=args.seed)
+    result: dict[str, Any] = {"model": args.model, "train": args.train,
+                              **finetune_causal_lm(model, tokenizer, train_text, settings)}
+    if eval_text is not None:
+        result["perplexity"] = {"data": args.eval, **perplexity(
+            model, tokenizer, eval_text, settings.block_size, args.stride, source=args.eval, progress=True)}
+    out = Path(args.out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    write_json(out / "results.json", result)
+    lines = [f"{result['steps']} steps, final training loss {result['final_train_loss']:.4f}; saved to {out}"]
+    if "perplexity" in result:
+        lines.append(f"perplexity on {args.eval}: {result['perplexity']['perplexity']:.3f}")
+    if args.json:
+        print_json({k: v for k, v in result.items() if k != "losses"})
+    else:
+        print("\n".join(lines))
+    return 0
+
+
+def card_command(args: argparse.Namespace) -> int:
+    """Write a model card (README.md) from what a run and its evaluations wrote.
+
+    Reads config.yaml, metrics.jsonl and eval/*.json of a run folder (or eval/*.json and
+    config.json of a model folder); every number comes from those files, and what was not
+    measured says so. Plots are written as PNG next to the card.
+    """
+    from distillery.evaluate.card import write_card
+
+    out = write_card(args.source, args.out, teacher_eval=args.teacher_eval)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
