@@ -43,13 +43,18 @@ def pipeline(
 
     `model` is a local folder or hub id (the tokenizer is then read from the same place unless
     `tokenizer` names another), or a loaded distillery model together with its `tokenizer` (a
-    Tokenizer or a folder). Extra keyword arguments go to the pipeline's constructor (for
+    Tokenizer or a folder). `dtype`: "float32" (default), "bfloat16", "float16", or "int8"
+    (weight-only, per-output-channel scales). Extra keyword arguments go to the pipeline's constructor (for
     text-generation: generation settings that apply to every call).
     """
     from distillery.models.checkpoint import load_model, read_config, resolve_dtype, resolve_model_dir
 
     if task not in TASKS:
         raise DistilleryError(f"Unknown pipeline task {task!r}; choose one of {list(TASKS)}.")
+    # int8 is weight-only quantisation of a float model, applied after loading.
+    quantize = dtype == "int8"
+    if quantize:
+        dtype = None
     directory = None
     if isinstance(model, Pretrained):
         if tokenizer is None:
@@ -64,6 +69,10 @@ def pipeline(
             head = "masked-lm"  # as transformers loads AutoModelForMaskedLM
         model = load_model(directory, task=head, dtype=dtype, device=device)
         tokenizer = tokenizer if tokenizer is not None else directory
+    if quantize:
+        from distillery.generation.quantize import quantize_model
+
+        model = quantize_model(model, "int8")
     if not hasattr(tokenizer, "decode"):
         from distillery.tokenizer import load_tokenizer
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from distillery.cli import add_command, print_json
 from distillery.models.common import DistilleryError
@@ -30,6 +33,9 @@ def register(subparsers) -> None:
     p.add_argument("--repetition-penalty", type=float, help="penalty for tokens already present (1 = none)")
     p.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop when this text appears (repeatable)")
+    p.add_argument("--draft", metavar="MODEL", help="speculative decoding: a smaller model with the same "
+                   "tokenizer drafts tokens that MODEL verifies (same output as MODEL alone)")
+    p.add_argument("--draft-k", type=int, default=4, help="tokens drafted per round with --draft (default: 4)")
     p.add_argument("--no-full-text", action="store_true", help="print only the generated part, not the prompt")
     p.add_argument("--truncation", action="store_true", help="keep the end of a prompt too long for the model")
     _add_device_flags(p)
@@ -56,7 +62,8 @@ def register(subparsers) -> None:
 
 
 def _add_device_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: float32)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "int8"],
+                   help="weights: float32 (default), bfloat16, float16, or int8 weight-only")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
 
 
@@ -84,6 +91,8 @@ def generate_command(args: argparse.Namespace) -> int:
     generator = pipeline("text-generation", model=args.model, device=args.device, dtype=args.dtype)
     if args.seed is not None:
         set_seed(args.seed)
+    if args.draft:
+        return _speculative(args, generator, options)
     outputs = generator(args.prompt, **options)
     if args.json:
         print_json(outputs)
@@ -92,6 +101,40 @@ def generate_command(args: argparse.Namespace) -> int:
         if len(outputs) > 1:
             print(f"--- {i + 1} ---")
         print(output["generated_text"])
+    return 0
+
+
+def _speculative(args: argparse.Namespace, generator, options: dict[str, Any]) -> int:
+    """`generate --draft`: the draft model proposes tokens, the target verifies them in one pass."""
+    from distillery.generation.speculative import speculative_generate
+    from distillery.models.checkpoint import load_model
+    from distillery.pipelines.text_generation import cut_at_stop
+
+    unsupported = [k for k in ("repetition_penalty", "num_return_sequences") if options.get(k, 1) != 1]
+    if unsupported:
+        raise DistilleryError(f"--draft does not support {', '.join('--' + k.replace('_', '-') for k in unsupported)}; "
+                              "leave them out.")
+    config = generator.generation_config(**{k: v for k, v in options.items()
+                                            if k not in ("stop", "return_full_text", "truncation")})
+    draft = load_model(args.draft, device=args.device, dtype=None if args.dtype == "int8" else args.dtype)
+    prompt = generator.tokenizer.encode(args.prompt)
+    if not prompt:
+        raise DistilleryError("--draft needs a non-empty PROMPT.")
+    input_ids = torch.tensor([prompt])
+    tokens, stats = speculative_generate(
+        generator.model, draft, input_ids, config.new_tokens_for(len(prompt)), k=args.draft_k,
+        do_sample=config.do_sample, temperature=config.temperature or 1.0, top_k=config.top_k or 0,
+        top_p=config.top_p, eos_token_id=config.eos_token_ids[0] if config.eos_token_ids else None,
+    )
+    new_text = generator.tokenizer.decode(tokens[0, len(prompt):].tolist(), skip_special_tokens=True)
+    new_text = cut_at_stop(new_text, args.stop or [])
+    text = new_text if args.no_full_text else args.prompt + new_text
+    if args.json:
+        print_json({"generated_text": text, **stats})
+        return 0
+    print(text)
+    print(f"acceptance rate {stats['acceptance_rate']:.2f} ({int(stats['accepted'])}/{int(stats['drafted'])} "
+          f"drafted tokens kept, {int(stats['target_passes'])} target passes)", file=sys.stderr)
     return 0
 
 

@@ -205,3 +205,25 @@ def test_argparse_usage_error_exits_2(capsys):
         main(["fill-mask"])
     assert exit_info.value.code == 2
     assert "the following arguments are required: MODEL, TEXT" in capsys.readouterr().err
+
+
+def test_generate_with_draft_equals_the_target_alone(capsys, gpt2_dir, tmp_path):
+    draft = save_tiny_gpt2(tmp_path / "draft", vocab_size=50257, seed=7, n_layer=1)
+    argv = ("generate", gpt2_dir, "Hello there", "--max-new-tokens", "10", "--greedy")
+    alone = run_json(capsys, *argv)[0]["generated_text"]
+    speculative = run_json(capsys, *argv, "--draft", draft, "--draft-k", "3")
+    assert speculative["generated_text"] == alone
+    assert 0.0 <= speculative["acceptance_rate"] <= 1.0 and speculative["target_passes"] >= 1
+
+
+def test_generate_draft_refuses_several_sequences(capsys, gpt2_dir):
+    code, out, err = run(capsys, "generate", gpt2_dir, "Hi", "--draft", gpt2_dir, "--do-sample",
+                         "--num-return-sequences", "2")
+    assert code == 2 and out == ""
+    assert err.strip().count("\n") == 0 and "--num-return-sequences" in err
+
+
+def test_generate_int8_weights(capsys, gpt2_dir):
+    full = run_json(capsys, "generate", gpt2_dir, "Hello", "--max-new-tokens", "5", "--greedy")
+    int8 = run_json(capsys, "generate", gpt2_dir, "Hello", "--max-new-tokens", "5", "--greedy", "--dtype", "int8")
+    assert int8[0]["generated_text"].startswith("Hello") and len(int8) == len(full) == 1
