@@ -1,0 +1,195 @@
+"""`distillery train`, `distillery distill` and `distillery demo`.
+
+Every RunConfig setting is a flag (`--alpha-ce 5`) and a YAML key (`alpha_ce: 5`); flags win
+over the file given with --config, which wins over the defaults. With --resume and no --config,
+the run's own config.yaml is the base, so `distillery distill --out RUN --resume` continues a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from distillery.distill.run_config import (
+    COS_LAYERS,
+    KD_LOSSES,
+    PRECISIONS,
+    SCHEDULES,
+    RunConfig,
+    read_yaml,
+)
+from distillery.models.common import DistilleryError
+
+SHARED_SETTINGS = {
+    "data": "folder written by `distillery prepare`",
+    "out": "run folder (checkpoint, metrics, config.yaml, final model)",
+    "tokenizer": "tokenizer folder (default: the model's, or the teacher's)",
+    "seed": "random seed",
+    "max_steps": "optimizer steps",
+    "batch_size": "sequences per optimizer step, over all processes and accumulation steps",
+    "seq_len": "tokens per sequence",
+    "grad_accum": "micro-batches per optimizer step",
+    "lr": "peak learning rate",
+    "min_lr_ratio": "final learning rate as a fraction of the peak",
+    "warmup_steps": "steps of linear warm-up",
+    "schedule": f"decay after warm-up: {', '.join(SCHEDULES)}",
+    "weight_decay": "AdamW weight decay (never on biases and LayerNorms)",
+    "adam_beta1": "AdamW beta1",
+    "adam_beta2": "AdamW beta2",
+    "adam_eps": "AdamW epsilon",
+    "grad_clip": "gradient norm clipping (0: off)",
+    "precision": f"{', '.join(PRECISIONS)} (auto: bf16 on GPU, fp32 on CPU)",
+    "device": "auto, cpu, cuda, cuda:1, ...",
+    "mlm_prob": "masked LM: fraction of tokens masked",
+    "mlm_smoothing": "masked LM: masking weight count^-smoothing",
+    "eval_every": "steps between validation perplexities",
+    "eval_batches": "validation batches per evaluation",
+    "save_every": "steps between checkpoints",
+    "log_every": "steps between metrics.jsonl records",
+    "plot": "write loss.png",
+}
+DISTILL_SETTINGS = {
+    "temperature": "softmax temperature of the soft targets",
+    "alpha_ce": "weight of the soft-target loss",
+    "alpha_lm": "weight of the hard LM loss",
+    "alpha_cos": "weight of the hidden-state cosine loss",
+    "alpha_mse": "weight of the logits MSE loss",
+    "kd_loss": f"soft-target loss: {', '.join(KD_LOSSES)}",
+    "beta": "gjsd: 0 is forward KL, 1 reverse KL",
+    "cos_layers": f"{', '.join(COS_LAYERS)}: cosine on the last layer or every student layer",
+    "kd_masked_only": "masked LM: soft targets only at masked positions",
+}
+CHOICES = {"schedule": SCHEDULES, "precision": PRECISIONS, "kd_loss": KD_LOSSES, "cos_layers": COS_LAYERS}
+MODEL_SIZE_FLAGS = ("n_layer", "n_head", "n_embd", "n_positions")
+
+
+def register(subparsers) -> None:
+    from distillery.cli import add_command
+
+    p = add_command(subparsers, "train", train_command)
+    p.add_argument("--model",
+                   help="checkpoint folder / hub id, or a preset (gpt2, distilgpt2, roberta-base, ...)")
+    for name in MODEL_SIZE_FLAGS:
+        p.add_argument(_flag(name), type=int, help=f"preset override: {name}")
+    _add_run_flags(p, SHARED_SETTINGS)
+
+    p = add_command(subparsers, "distill", distill_command)
+    p.add_argument("--teacher", help="teacher model folder or hub id")
+    p.add_argument("--student", help="student model folder (see `distillery student`)")
+    p.add_argument("--layer-map", help="teacher layer of each student layer for --cos-layers mapped, e.g. 0,2,4")
+    _add_run_flags(p, {**SHARED_SETTINGS, **DISTILL_SETTINGS})
+
+    p = add_command(subparsers, "demo", demo_command)
+    p.add_argument("--out", default="runs/demo", help="folder for everything the demo makes")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="multiply the training steps by this and the model width by its square root "
+                        "(2: a bigger, slower demo)")
+    p.add_argument("--teacher-steps", type=int, help="teacher pre-training steps (default from --scale)")
+    p.add_argument("--student-steps", type=int, help="distillation steps (default from --scale)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def _add_run_flags(p: argparse.ArgumentParser, settings: dict[str, str]) -> None:
+    p.add_argument("--config", help="YAML file of settings (flags override it)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+    types = {f.name: type(f.default) for f in dataclasses.fields(RunConfig)}
+    for name, help_text in settings.items():
+        if types[name] is bool:
+            p.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            kind = types[name] if types[name] in (int, float) else str
+            p.add_argument(_flag(name), type=kind, choices=CHOICES.get(name), help=help_text)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def resolve_config(args: argparse.Namespace, kind: str, settings: dict[str, str], **extra: Any) -> RunConfig:
+    """Defaults <- YAML (--config, or the run's config.yaml on --resume) <- flags."""
+    base: dict[str, Any] = {}
+    if args.config:
+        base = read_yaml(args.config)
+        source = args.config
+    elif args.resume and args.out and (Path(args.out) / "config.yaml").is_file():
+        base = read_yaml(Path(args.out) / "config.yaml")
+        source = str(Path(args.out) / "config.yaml")
+    else:
+        source = "the flags"
+    flags = {name: getattr(args, name) for name in settings if getattr(args, name) is not None}
+    values = {**base, "kind": kind, **flags, **{k: v for k, v in extra.items() if v is not None}}
+    return RunConfig.from_dict(values, source=source)
+
+
+def _run_and_report(config: RunConfig, args: argparse.Namespace) -> int:
+    from distillery.cli import print_json
+    from distillery.distill.trainer import run
+
+    summary = run(config, resume=args.resume)
+    if not summary.get("model"):  # not the main process of a multi-process run
+        return 0
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"{summary['steps']} steps, {summary['tokens']:,} tokens; validation perplexity "
+              f"{summary['val_ppl']:.2f}; model saved to {summary['model']}")
+    return 0
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """Pre-train or fine-tune a causal (GPT-2) or masked (RoBERTa) language model.
+
+    --model is a checkpoint to continue from, or a preset to start from scratch (sized with
+    --n-layer, --n-head, --n-embd, --n-positions; a preset needs --tokenizer). Checkpoints go to
+    --out every --save-every steps; --resume continues exactly. Launch with
+    `torchrun --nproc_per_node N -m distillery.cli train ...` for several processes.
+    """
+    overrides = {name: getattr(args, name) for name in MODEL_SIZE_FLAGS if getattr(args, name) is not None}
+    config = resolve_config(args, "train", SHARED_SETTINGS, model=args.model,
+                            model_overrides=overrides or None)
+    return _run_and_report(config, args)
+
+
+def distill_command(args: argparse.Namespace) -> int:
+    """Distil a teacher into a student: soft targets, hard LM loss and hidden-state alignment.
+
+    loss = alpha_ce * KD(T) + alpha_lm * LM + alpha_cos * cosine + alpha_mse * MSE(logits), with
+    KD one of forward_kl (DistilBERT's), reverse_kl or gjsd (--beta). Make the student with
+    `distillery student TEACHER --out DIR`. Checkpoints go to --out every --save-every steps;
+    --resume continues exactly. Launch with `torchrun --nproc_per_node N -m distillery.cli
+    distill ...` for several processes.
+    """
+    layer_map = None
+    if args.layer_map:
+        from distillery.distill.student import parse_layers
+
+        layer_map = parse_layers(args.layer_map)
+    config = resolve_config(args, "distill", {**SHARED_SETTINGS, **DISTILL_SETTINGS},
+                            teacher=args.teacher, student=args.student, layer_map=layer_map)
+    return _run_and_report(config, args)
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    """Distil a code model end to end, offline, on the Python standard library's own source.
+
+    Trains a BPE tokenizer, pre-trains a small GPT-2 teacher, makes a half-depth student,
+    distils it, and compares both on held-out modules: perplexity, decoding tokens/s,
+    parameters, and completions of a few prompts. Everything is left under --out.
+    """
+    from distillery.cli import print_json
+    from distillery.distill.demo import DemoSettings, format_report, run_demo
+
+    if args.scale <= 0:
+        raise DistilleryError(f"--scale must be positive, got {args.scale}.")
+    settings = DemoSettings.scaled(args.scale, out=args.out, seed=args.seed,
+                                   teacher_steps=args.teacher_steps, student_steps=args.student_steps)
+    report = run_demo(settings)
+    if args.json:
+        print_json(report)
+    else:
+        print(format_report(report))
+    return 0

@@ -1,0 +1,718 @@
+"""One training loop for pre-training, fine-tuning and distillation of causal and masked LMs.
+
+Reads top to bottom: setup (devices, processes, models, data) -> the losses of one micro-batch ->
+the optimizer step -> evaluation -> checkpoints -> the loop itself.
+
+The loop, per optimizer step:
+  1. draw the *global* batch (batch_size windows of seq_len + 1 tokens) from the run's data
+     generator; every process draws the same one, masks it the same way, and keeps its own rows
+     (what a DistributedSampler does), so N processes train on exactly what 1 process would;
+  2. split this process's rows into grad_accum micro-batches; for each, run the student (and the
+     frozen teacher under inference mode) and weight every loss term by its share of the global
+     batch's counted positions, so the summed loss is the global mean however it is split;
+  3. clip, step AdamW and the warm-up/decay schedule;
+  4. every eval_every steps, validation perplexity; every save_every steps, a checkpoint written
+     atomically (a temporary file, then a rename) with everything `--resume` needs to continue
+     bit for bit: model, optimizer, schedule, loss scaler, step, and the Python, NumPy, torch and
+     data generator random states.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distillery.distill import losses
+from distillery.distill.run_config import RunConfig, config_differences
+from distillery.models.checkpoint import atomic_write, build_model, load_model, write_json
+from distillery.models.common import DistilleryError, Pretrained
+from distillery.models.gpt2 import GPT2_PRESETS, GPT2Config
+from distillery.models.roberta import ROBERTA_PRESETS, RobertaConfig
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+CONFIG_NAME = "config.yaml"
+FINAL_MODEL_DIR = "model"
+PLOT_NAME = "loss.png"
+IGNORE_INDEX = -100
+
+# Loss terms, and which positions each one averages over ("tokens": every input position;
+# "masked": the masked positions of an MLM batch; "kd": the positions the soft targets cover).
+TERM_POSITIONS = {"lm": "lm", "kd": "kd", "cos": "tokens", "mse": "kd"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes and devices
+
+
+@dataclass
+class Processes:
+    """This process's place in a (possibly single-process) torch.distributed run."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def start_processes(device: str = "auto") -> Processes:
+    """Join the torchrun process group when launched by torchrun (gloo on CPU, NCCL on GPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if world_size == 1:
+        return Processes(device=torch.device("cuda" if use_cuda else "cpu") if device == "auto"
+                         else torch.device(device))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Processes(rank, world_size, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"))
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+# ----------------------------------------------------------------------------------------------
+# Models, tokenizer and data
+
+
+def build_from_preset(name: str, overrides: dict[str, Any], tokenizer) -> Pretrained:
+    """A freshly initialised model from a preset name, sized for `tokenizer`."""
+    specials = {"vocab_size": tokenizer.vocab_size, "bos_token_id": tokenizer.bos_token_id,
+                "eos_token_id": tokenizer.eos_token_id}
+    if name in GPT2_PRESETS:
+        return build_model(GPT2Config.from_preset(name, **{**specials, **overrides}), "causal-lm")
+    renames = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_embd": "hidden_size",
+               "n_inner": "intermediate_size", "n_positions": "max_position_embeddings"}
+    overrides = {renames.get(k, k): v for k, v in overrides.items()}
+    if "hidden_size" in overrides and "intermediate_size" not in overrides:
+        overrides["intermediate_size"] = 4 * overrides["hidden_size"]
+    if "max_position_embeddings" in overrides:  # RoBERTa positions start after the pad id
+        overrides["max_position_embeddings"] += tokenizer.pad_token_id + 1
+    specials["pad_token_id"] = tokenizer.pad_token_id
+    return build_model(RobertaConfig.from_preset(name, **{**specials, **overrides}), "masked-lm")
+
+
+def is_preset(name: str | None) -> bool:
+    return name in GPT2_PRESETS or name in ROBERTA_PRESETS
+
+
+def load_lm(name: str) -> Pretrained:
+    """A checkpoint as a language model (RoBERTa checkpoints get their masked-LM head)."""
+    from distillery.models.checkpoint import read_config, resolve_model_dir
+
+    directory = resolve_model_dir(name)
+    task = "masked-lm" if read_config(directory).get("model_type") == "roberta" else None
+    return load_model(directory, task=task)
+
+
+def load_run_tokenizer(config: RunConfig):
+    """The run's tokenizer: --tokenizer, else the teacher's (distill) or model's folder, else the
+    copy `distillery prepare` keeps with the data (a model trained from a preset)."""
+    from distillery.models.checkpoint import resolve_model_dir
+    from distillery.tokenizer import load_tokenizer
+
+    model = config.teacher if config.kind == "distill" else config.model
+    if config.tokenizer:
+        return load_tokenizer(resolve_model_dir(config.tokenizer))
+    if model and not is_preset(model):
+        return load_tokenizer(resolve_model_dir(model))
+    from distillery.distill.data import TOKENIZER_DIR
+
+    return load_tokenizer(Path(config.data) / TOKENIZER_DIR)
+
+
+def check_vocabularies(teacher: Pretrained, student: Pretrained, tokenizer) -> None:
+    if teacher.config.vocab_size != student.config.vocab_size:
+        raise DistilleryError(
+            f"The teacher has a vocabulary of {teacher.config.vocab_size} tokens and the student "
+            f"{student.config.vocab_size}; distillation needs the same tokenizer, so make the student "
+            "from this teacher (`distillery student`)."
+        )
+    if teacher.family != student.family:
+        raise DistilleryError(
+            f"The teacher is a {teacher.family} model and the student a {student.family} model; "
+            "distil within one family."
+        )
+    check_model_fits_tokenizer(student, tokenizer)
+
+
+def check_model_fits_tokenizer(model: Pretrained, tokenizer) -> None:
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise DistilleryError(
+            f"The tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size} "
+            "embeddings; use the tokenizer the model was trained with (--tokenizer)."
+        )
+
+
+def resolve_layer_map(config: RunConfig, teacher: Pretrained, student: Pretrained) -> list[int] | None:
+    """Teacher layer for each student layer, for the per-layer cosine loss (None: last layer only)."""
+    if config.kind != "distill" or config.alpha_cos == 0 or config.cos_layers == "last":
+        return None
+    from distillery.distill.student import default_student_layers, teacher_layers_of
+
+    n_student, n_teacher = student.config.num_layers, teacher.config.num_layers
+    if config.layer_map is not None:
+        layers = list(config.layer_map)
+    elif "teacher_layers" in student.config.extra:
+        layers = teacher_layers_of(student)
+    else:
+        layers = default_student_layers(n_teacher)
+    if len(layers) != n_student or not all(0 <= i < n_teacher for i in layers):
+        raise DistilleryError(
+            f"layer_map {layers} must name one teacher layer (0 to {n_teacher - 1}) for each of the "
+            f"student's {n_student} layers; fix --layer-map or use --cos-layers last."
+        )
+    return layers
+
+
+def open_data(config: RunConfig, tokenizer):
+    """(train, validation) TokenDatasets, refusing data prepared with another tokenizer."""
+    from distillery.distill.data import TokenDataset, check_tokenizer
+
+    train = TokenDataset(config.data, "train")
+    check_tokenizer(train.meta, tokenizer)
+    return train, TokenDataset(config.data, "val")
+
+
+def masking_weights(config: RunConfig, tokenizer) -> torch.Tensor:
+    """Per-id masking weights, count^-mlm_smoothing, from the corpus token counts."""
+    from distillery.distill.data import TOKEN_COUNTS_NAME
+    from distillery.distill.masking import token_probabilities
+
+    counts = np.load(Path(config.data) / TOKEN_COUNTS_NAME)
+    return token_probabilities(counts, config.mlm_smoothing, tokenizer.all_special_ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# One batch
+
+
+@dataclass
+class Batch:
+    """Model inputs and targets for a (micro-)batch, on the CPU until `.to(device)`."""
+
+    inputs: torch.Tensor  # (B, T)
+    targets: torch.Tensor  # (B, T): next tokens (causal) or labels with -100 (masked)
+    kd_mask: torch.Tensor | None  # (B, T) positions the soft targets cover; None = all
+
+    def rows(self, start: int, end: int) -> Batch:
+        kd_mask = self.kd_mask[start:end] if self.kd_mask is not None else None
+        return Batch(self.inputs[start:end], self.targets[start:end], kd_mask)
+
+    def to(self, device: torch.device) -> Batch:
+        kd_mask = self.kd_mask.to(device) if self.kd_mask is not None else None
+        return Batch(self.inputs.to(device), self.targets.to(device), kd_mask)
+
+    def position_counts(self) -> dict[str, int]:
+        """How many positions each loss term averages over (see TERM_POSITIONS)."""
+        tokens = self.inputs.numel()
+        lm = int(self.targets.ne(IGNORE_INDEX).sum())
+        kd = int(self.kd_mask.sum()) if self.kd_mask is not None else tokens
+        return {"tokens": tokens, "lm": lm, "kd": kd}
+
+
+def make_batch(windows: torch.Tensor, causal: bool, config: RunConfig, tokenizer=None,
+               mask_weights: torch.Tensor | None = None, generator: torch.Generator | None = None) -> Batch:
+    """Windows of seq_len + 1 tokens -> inputs and targets (shifted, or masked for an MLM)."""
+    if causal:
+        return Batch(windows[:, :-1], windows[:, 1:], None)
+    from distillery.distill.masking import mask_tokens
+
+    tokens = windows[:, :-1].contiguous()
+    inputs, labels = mask_tokens(tokens, None, mask_weights, tokenizer.mask_token_id, tokenizer.vocab_size,
+                                 tokenizer.all_special_ids, config.mlm_prob, generator)
+    kd_mask = labels.ne(IGNORE_INDEX) if config.kd_masked_only else None
+    return Batch(inputs, labels, kd_mask)
+
+
+def forward_lm(model: nn.Module, batch: Batch, causal: bool, hidden: bool, positions: torch.Tensor | None):
+    if causal:
+        return model(batch.inputs, output_hidden_states=hidden)
+    return model(batch.inputs, output_hidden_states=hidden, logits_positions=positions)
+
+
+def loss_terms(student: nn.Module, teacher: nn.Module | None, batch: Batch, causal: bool,
+               config: RunConfig, layers: list[int] | None) -> dict[str, torch.Tensor]:
+    """The mean of each loss term over its positions in this batch: {"lm": ..., "kd": ..., ...}."""
+    distilling = teacher is not None
+    want_hidden = distilling and config.alpha_cos > 0
+    # A masked LM needs logits only where a loss looks: the masked positions, unless the soft
+    # targets cover every position.
+    positions = None if causal or (distilling and batch.kd_mask is None and config.alpha_ce + config.alpha_mse > 0) \
+        else batch.targets.ne(IGNORE_INDEX)
+    s = forward_lm(student, batch, causal, want_hidden, positions)
+    lm_targets = batch.targets if positions is None else batch.targets[positions]
+    terms = {"lm": losses.causal_lm_loss(s.logits, lm_targets) if causal
+             else losses.masked_lm_loss(s.logits, lm_targets)}
+    if not distilling:
+        return terms
+
+    # The teacher runs frozen under inference mode. Its outputs are cloned out of inference mode
+    # because autograd must save them (they are the loss's targets) for the student's backward.
+    with torch.inference_mode():
+        t = forward_lm(teacher, batch, causal, want_hidden, positions)
+        t_logits = t.logits
+        t_hidden = t.hidden_states
+    t_logits = t_logits.clone()
+    kd_mask = batch.kd_mask if positions is None else None  # logits at `positions` already select
+    if config.alpha_ce > 0:
+        terms["kd"] = kd_loss(s.logits, t_logits, kd_mask, config)
+    if config.alpha_mse > 0:
+        terms["mse"] = losses.logits_mse(s.logits, t_logits, kd_mask)
+    if want_hidden:
+        pairs = [(len(s.hidden_states) - 1, len(t_hidden) - 1)] if layers is None else \
+            [(i + 1, j + 1) for i, j in enumerate(layers)]  # hidden_states[0] is the embedding output
+        terms["cos"] = sum(losses.hidden_cosine_loss(s.hidden_states[i], t_hidden[j].clone())
+                           for i, j in pairs) / len(pairs)
+    return terms
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None,
+            config: RunConfig) -> torch.Tensor:
+    T = config.temperature
+    if config.kd_loss == "forward_kl":
+        return losses.soft_target_kl(student_logits, teacher_logits, T, mask)
+    if config.kd_loss == "reverse_kl":
+        return losses.reverse_kl(student_logits, teacher_logits, T, mask)
+    return losses.generalized_jsd(student_logits, teacher_logits, config.beta, T, mask)
+
+
+def term_weights(config: RunConfig) -> dict[str, float]:
+    if config.kind == "train":
+        return {"lm": 1.0}
+    return {"lm": config.alpha_lm, "kd": config.alpha_ce, "cos": config.alpha_cos, "mse": config.alpha_mse}
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.AdamW:
+    """AdamW; biases and LayerNorm weights (every parameter under 2-D) are not decayed."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+                             eps=config.adam_eps)
+
+
+def lr_factor(step: int, config: RunConfig) -> float:
+    """Multiplier of the peak lr at `step`: linear warm-up, then linear or cosine decay to min_lr_ratio."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
+    shape = 1.0 - progress if config.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * shape
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, dataset, config: RunConfig, causal: bool, tokenizer=None,
+                  mask_weights: torch.Tensor | None = None) -> float:
+    """Mean LM loss on up to eval_batches sequential windows of `dataset` (its perplexity is exp).
+
+    A masked LM is scored on the masked positions of a masking drawn from a generator seeded
+    afresh each time, so every evaluation of a run sees the same masks.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    total, count = 0.0, 0
+    # Whole batches (no gradients are kept), so the score does not depend on grad_accum.
+    for i, windows in enumerate(dataset.iter_sequential(config.batch_size, config.seq_len)):
+        if i >= config.eval_batches:
+            break
+        batch = make_batch(windows, causal, config, tokenizer, mask_weights, generator).to(device)
+        n = batch.position_counts()["lm"]
+        if n == 0:
+            continue
+        positions = None if causal else batch.targets.ne(IGNORE_INDEX)
+        with torch.autocast(device.type, dtype=autocast_dtype(config.precision, device) or torch.float32,
+                            enabled=autocast_dtype(config.precision, device) is not None):
+            out = forward_lm(model, batch, causal, False, positions)
+        lm = losses.causal_lm_loss(out.logits, batch.targets) if causal \
+            else losses.masked_lm_loss(out.logits, batch.targets)
+        total += float(lm) * n
+        count += n
+    model.train(was_training)
+    if count == 0:
+        raise DistilleryError(
+            f"The validation split of {config.data} holds no window of {config.seq_len + 1} tokens; "
+            "prepare more validation text or lower --seq-len."
+        )
+    return total / count
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def random_states(generator: torch.Generator) -> dict[str, Any]:
+    """Every random state the run draws from, as plain bytes, ints and tuples.
+
+    Plain values load with weights_only=True and pass between processes without pickled tensors.
+    """
+    kind, keys, *rest = np.random.get_state()
+    states = {
+        "python": random.getstate(),
+        "numpy": (kind, keys.tolist(), *rest),
+        "torch": _state_bytes(torch.get_rng_state()),
+        "data": _state_bytes(generator.get_state()),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = [_state_bytes(s) for s in torch.cuda.get_rng_state_all()]
+    return states
+
+
+def restore_random_states(states: dict[str, Any], generator: torch.Generator) -> None:
+    random.setstate(_as_tuples(states["python"]))
+    kind, keys, *rest = states["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(_state_tensor(states["torch"]))
+    generator.set_state(_state_tensor(states["data"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_state_tensor(s) for s in states["cuda"]])
+
+
+def _state_bytes(state: torch.Tensor) -> bytes:
+    return state.cpu().numpy().tobytes()
+
+
+def _state_tensor(blob: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+
+
+def _as_tuples(value):
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write `state` to a temporary file beside `path`, then rename it over `path`.
+
+    The previous checkpoint stays whole until the new one is complete: a kill or a full disk
+    during the write loses only the new one.
+    """
+    try:
+        with atomic_write(path) as f:
+            torch.save(state, f)
+    except OSError as e:
+        hint = "free some disk space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "check the folder"
+        raise DistilleryError(
+            f"Could not write the checkpoint {path} ({e.strerror or e}); {hint} and rerun with --resume, "
+            "which continues from the previous checkpoint (left intact)."
+        ) from e
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise DistilleryError(f"There is no checkpoint to resume at {path}; drop --resume to start the run afresh.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise DistilleryError(f"The checkpoint {path} cannot be read ({type(e).__name__}); it is damaged, "
+                              "start the run afresh without --resume.") from e
+
+
+def check_resumable(checkpoint: dict[str, Any], config: RunConfig, tokenizer_fingerprint: str, path: Path) -> None:
+    differences = config_differences(checkpoint["config"], config)
+    if differences:
+        raise DistilleryError(
+            f"The checkpoint {path} belongs to a run with other settings ({'; '.join(differences[:3])}); "
+            "resume with the run's own settings or start a new run in another --out folder."
+        )
+    if checkpoint["tokenizer"] != tokenizer_fingerprint:
+        raise DistilleryError(
+            f"The checkpoint {path} was trained with another tokenizer; resume with the run's own "
+            "tokenizer or start a new run in another --out folder."
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Logs
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logged step or evaluation (main process only)."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        self.records: list[dict[str, Any]] = []
+        if resume_step is not None and path.is_file():
+            # Steps after the checkpoint were lost with the interrupted process; they will be redone.
+            self.records = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= resume_step]
+        with atomic_write(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.records)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def plot(self, path: Path) -> None:
+        """A PNG of the training loss (and its terms) and the validation loss against steps."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 5))
+        train = [r for r in self.records if "loss" in r]
+        for key in ("loss", "kd", "lm", "cos", "mse"):
+            points = [(r["step"], r[key]) for r in train if key in r]
+            if points:
+                ax.plot(*zip(*points), label=f"train {key}", linewidth=1.5 if key == "loss" else 0.8)
+        val = [(r["step"], r["val_loss"]) for r in self.records if "val_loss" in r]
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation LM loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        with atomic_write(path) as f:
+            fig.savefig(f, format="png", dpi=100)
+        plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train or distil as `config` says; returns a summary (steps, losses, perplexity, paths).
+
+    With `resume`, continues the run in config.out from its last checkpoint exactly where it
+    stopped. Launched by torchrun, each process trains its share of every batch (DDP).
+    """
+    procs = start_processes(config.device)
+    out = Path(config.out)
+    try:
+        return _run(config, procs, out, resume, progress)
+    finally:
+        if procs.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(config: RunConfig, procs: Processes, out: Path, resume: bool, progress: bool) -> dict[str, Any]:
+    if not config.data:
+        raise DistilleryError("No data given; pass --data DIR (a folder written by `distillery prepare`).")
+    if not config.out:
+        raise DistilleryError("No run folder given; pass --out DIR.")
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed + procs.rank)  # dropout differs between processes
+    generator = torch.Generator().manual_seed(config.seed)  # the same global batches on every process
+
+    tokenizer = load_run_tokenizer(config)
+    train_data, val_data = open_data(config, tokenizer)
+    teacher = None
+    if config.kind == "distill":
+        if not config.teacher or not config.student:
+            raise DistilleryError("Distillation needs both --teacher and --student (model folders).")
+        teacher, student = load_lm(config.teacher), load_lm(config.student)
+        check_vocabularies(teacher, student, tokenizer)
+        teacher.to(procs.device).eval().requires_grad_(False)
+    else:
+        if not config.model:
+            raise DistilleryError("Training needs --model: a checkpoint folder or a preset such as gpt2.")
+        student = build_from_preset(config.model, config.model_overrides, tokenizer) if is_preset(config.model) \
+            else load_lm(config.model)
+        check_model_fits_tokenizer(student, tokenizer)
+    causal = student.family == "gpt2"
+    if not causal and tokenizer.mask_token_id is None:
+        raise DistilleryError("A masked LM needs a tokenizer with a <mask> token; use a RoBERTa-style tokenizer.")
+    max_len = student.config.n_positions if causal else student.config.max_tokens
+    if config.seq_len > max_len:
+        raise DistilleryError(f"--seq-len {config.seq_len} exceeds the model's {max_len} positions; lower it.")
+    mask_weights = None if causal else masking_weights(config, tokenizer)
+    layers = resolve_layer_map(config, teacher, student) if teacher is not None else None
+
+    student.to(procs.device).train()
+    optimizer = make_optimizer(student, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
+    amp_dtype = autocast_dtype(config.precision, procs.device)
+    scaler = torch.amp.GradScaler(procs.device.type, enabled=amp_dtype == torch.float16)
+    model: nn.Module = student
+    if procs.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(
+            student, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
+
+    checkpoint_path = out / CHECKPOINT_NAME
+    step, tokens_seen = 0, 0
+    if resume:
+        checkpoint = load_checkpoint(checkpoint_path)
+        check_resumable(checkpoint, config, tokenizer.fingerprint(), checkpoint_path)
+        student.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        states = checkpoint["rng"]  # one per process of the interrupted run
+        restore_random_states(states[procs.rank] if procs.rank < len(states) else states[0], generator)
+        step, tokens_seen = checkpoint["step"], checkpoint["tokens"]
+    elif checkpoint_path.exists():
+        raise DistilleryError(f"{out} already holds a run; pass --resume to continue it or choose another --out.")
+
+    log = None
+    if procs.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(f".{CHECKPOINT_NAME}.*.tmp"):  # left by a process killed mid-write
+            stale.unlink()
+        config.save_yaml(out / CONFIG_NAME)
+        log = MetricsLog(out / METRICS_NAME, step if resume else None)
+
+    weights = term_weights(config)
+    rows_per_rank = config.batch_size // procs.world_size
+    if rows_per_rank * procs.world_size != config.batch_size or rows_per_rank % config.grad_accum:
+        raise DistilleryError(
+            f"batch_size ({config.batch_size}) must split evenly over {procs.world_size} process(es) and "
+            f"grad_accum ({config.grad_accum}) micro-batches; change --batch-size."
+        )
+    micro = rows_per_rank // config.grad_accum
+    tokens_per_step = config.batch_size * config.seq_len
+    bar = _progress_bar(config.max_steps, step, progress and procs.is_main)
+    last_eval: float | None = None
+    running: dict[str, float] = {}
+    started = time.perf_counter()
+    train_seconds, started_step = 0.0, step  # time in training steps only, for tokens/s
+
+    while step < config.max_steps:
+        step_started = time.perf_counter()
+        windows = train_data.batch(config.batch_size, config.seq_len, generator)
+        global_batch = make_batch(windows, causal, config, tokenizer, mask_weights, generator)
+        global_counts = global_batch.position_counts()
+        mine = global_batch.rows(procs.rank * rows_per_rank, (procs.rank + 1) * rows_per_rank)
+
+        step_terms: dict[str, float] = {}
+        for k in range(config.grad_accum):
+            batch = mine.rows(k * micro, (k + 1) * micro).to(procs.device)
+            counts = batch.position_counts()
+            sync = k == config.grad_accum - 1 or procs.world_size == 1
+            with (nullcontext() if sync else model.no_sync()), \
+                 torch.autocast(procs.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                terms = loss_terms(model, teacher, batch, causal, config, layers)
+                # Each term's share of the global mean: its positions here over all its positions.
+                shares = {name: counts[TERM_POSITIONS[name]] / max(1, global_counts[TERM_POSITIONS[name]])
+                          for name in terms}
+                loss = sum(weights[name] * shares[name] * value for name, value in terms.items())
+            # DDP averages gradients over processes; the global loss is their sum.
+            scaler.scale(loss * procs.world_size).backward()
+            for name, value in terms.items():
+                step_terms[name] = step_terms.get(name, 0.0) + shares[name] * float(value.detach())
+            step_terms["loss"] = step_terms.get("loss", 0.0) + float(loss.detach())
+
+        if config.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+        tokens_seen += tokens_per_step
+        step_terms = _sum_over_processes(step_terms, procs)
+
+        for name, value in step_terms.items():
+            running[name] = running.get(name, 0.0) + value
+        train_seconds += time.perf_counter() - step_started
+        elapsed = time.perf_counter() - started
+        tokens_per_s = (step - started_step) * tokens_per_step / max(train_seconds, 1e-9)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_terms['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}",
+                            val_ppl="-" if last_eval is None else f"{math.exp(min(last_eval, 50)):.2f}")
+        if log is not None and (step % config.log_every == 0 or step == config.max_steps):
+            n = config.log_every if step % config.log_every == 0 else step % config.log_every
+            record = {"step": step, **{k: v / n for k, v in running.items()},
+                      "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen,
+                      "tokens_per_s": tokens_per_s, "elapsed_s": elapsed}
+            log.write(record)
+            running = {}
+        if procs.is_main and (step % config.eval_every == 0 or step == config.max_steps):
+            last_eval = evaluate_loss(student, val_data, config, causal, tokenizer, mask_weights)
+            log.write({"step": step, "val_loss": last_eval, "val_ppl": math.exp(min(last_eval, 50))})
+        if step % config.save_every == 0 or step == config.max_steps:
+            rng = _gather_random_states(random_states(generator), procs)
+            if procs.is_main:
+                save_checkpoint(checkpoint_path, {
+                    "step": step, "tokens": tokens_seen, "config": config.identity(),
+                    "tokenizer": tokenizer.fingerprint(), "model": student.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "rng": rng,
+                })
+                if config.plot:
+                    log.plot(out / PLOT_NAME)
+    if bar is not None:
+        bar.close()
+
+    summary: dict[str, Any] = {"run": str(out), "kind": config.kind, "steps": step, "tokens": tokens_seen,
+                               "parameters": student.num_parameters()}
+    if procs.is_main:
+        final = out / FINAL_MODEL_DIR
+        student.save_pretrained(final)
+        tokenizer.save_pretrained(final)
+        train_records = [r for r in log.records if "loss" in r]
+        if train_records:
+            summary["train_loss"] = train_records[-1]["loss"]
+        if last_eval is None:
+            last_eval = evaluate_loss(student, val_data, config, causal, tokenizer, mask_weights)
+        summary.update(val_loss=last_eval, val_ppl=math.exp(min(last_eval, 50)), model=str(final),
+                       metrics=str(out / METRICS_NAME), checkpoint=str(checkpoint_path))
+        write_json(out / "summary.json", summary)
+    return summary
+
+
+def _sum_over_processes(values: dict[str, float], procs: Processes) -> dict[str, float]:
+    if procs.world_size == 1:
+        return values
+    names = sorted(values)
+    t = torch.tensor([values[n] for n in names], dtype=torch.float64, device=procs.device)
+    dist.all_reduce(t)
+    return dict(zip(names, t.tolist()))
+
+
+def _gather_random_states(states: dict[str, Any], procs: Processes) -> list[dict[str, Any]]:
+    """Every process's random states, indexed by rank (each process resumes its own dropout stream)."""
+    if procs.world_size == 1:
+        return [states]
+    gathered: list[Any] = [None] * procs.world_size
+    dist.all_gather_object(gathered, states)
+    return gathered
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
