@@ -24,7 +24,7 @@ COS_LAYERS = ("last", "mapped")
 
 # Settings that may differ between a run and its resumption without changing what is trained.
 RESUMABLE_CHANGES = frozenset({"max_steps", "eval_every", "save_every", "log_every", "eval_batches",
-                               "out", "device", "plot"})
+                               "out", "device", "plot", "carbon_region"})
 
 
 @dataclass
@@ -81,6 +81,9 @@ class RunConfig:
     save_every: int = 200
     log_every: int = 10
     plot: bool = True
+    # Where the electricity came from, for kg CO2-eq: "provider:region" (e.g. azure:eastus) or a
+    # country code (see distillery.evaluate.energy); default: the world average.
+    carbon_region: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("kind", self.kind, KINDS)

@@ -49,6 +49,7 @@ SHARED_SETTINGS = {
     "save_every": "steps between checkpoints",
     "log_every": "steps between metrics.jsonl records",
     "plot": "write loss.png",
+    "carbon_region": "where the power came from, for CO2: provider:region (azure:eastus) or a country code",
 }
 DISTILL_SETTINGS = {
     "temperature": "softmax temperature of the soft targets",

@@ -44,6 +44,7 @@ from distillery.models.roberta import ROBERTA_PRESETS, RobertaConfig
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
+ENERGY_NAME = "energy.json"
 CONFIG_NAME = "config.yaml"
 FINAL_MODEL_DIR = "model"
 PLOT_NAME = "loss.png"
@@ -515,10 +516,18 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict[
     With `resume`, continues the run in config.out from its last checkpoint exactly where it
     stopped. Launched by torchrun, each process trains its share of every batch (DDP).
     """
+    from distillery.evaluate.energy import EnergyTracker
+
     procs = start_processes(config.device)
     out = Path(config.out)
     try:
-        return _run(config, procs, out, resume, progress)
+        tracker = EnergyTracker(region=config.carbon_region)
+        with tracker:
+            summary = _run(config, procs, out, resume, progress)
+        if procs.is_main:
+            summary["energy"] = add_energy(tracker.result(), out / ENERGY_NAME, resume)
+            write_json(out / "summary.json", summary)
+        return summary
     finally:
         if procs.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -688,8 +697,22 @@ def _run(config: RunConfig, procs: Processes, out: Path, resume: bool, progress:
             last_eval = evaluate_loss(student, val_data, config, causal, tokenizer, mask_weights)
         summary.update(val_loss=last_eval, val_ppl=math.exp(min(last_eval, 50)), model=str(final),
                        metrics=str(out / METRICS_NAME), checkpoint=str(checkpoint_path))
-        write_json(out / "summary.json", summary)
     return summary
+
+
+def add_energy(segment: dict[str, Any], path: Path, resume: bool) -> dict[str, Any]:
+    """This process's energy use, added to the run's earlier segments (resumed runs) in `path`.
+
+    Counts this machine only (the main process); a run killed before it ends loses that segment.
+    """
+    total = dict(segment)
+    if resume and path.is_file():
+        earlier = json.loads(path.read_text())
+        for key in ("hours", "kwh", "kg_co2eq"):
+            total[key] = earlier.get(key, 0.0) + segment[key]
+        total["segments"] = earlier.get("segments", 1) + 1
+    write_json(path, total)
+    return total
 
 
 def _sum_over_processes(values: dict[str, float], procs: Processes) -> dict[str, float]:

@@ -161,6 +161,17 @@ def test_the_final_model_loads_in_transformers(gpt2_setup, tmp_path):
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "model")("def f():")["input_ids"]
 
 
+def test_energy_and_co2_are_recorded_and_add_up_over_a_resume(gpt2_setup, tmp_path):
+    first = run(distill_config(gpt2_setup, tmp_path, max_steps=2, carbon_region="FRA"), progress=False)
+    energy = json.loads((tmp_path / "summary.json").read_text())["energy"]
+    assert energy == first["energy"]
+    assert energy["hours"] > 0 and energy["kwh"] > 0 and energy["region"] == "FRA"
+    assert energy["kg_co2eq"] == pytest.approx(energy["kwh"] * energy["carbon_intensity_g_per_kwh"] / 1000)
+    second = run(distill_config(gpt2_setup, tmp_path, max_steps=4, carbon_region="FRA"), resume=True,
+                 progress=False)
+    assert second["energy"]["segments"] == 2 and second["energy"]["hours"] > energy["hours"]
+
+
 def test_masked_lm_distillation_on_masked_positions_only(roberta_setup, tmp_path):
     import transformers
 
