@@ -24,6 +24,7 @@ from distillery.generation.quantize import (
     QUANTIZE_DTYPES,
     InputMajorLinear,
     Int8Linear,
+    int8_linear_bytes,
     quantize_model,
     to_input_major,
 )
@@ -122,19 +123,22 @@ def bytes_read_per_token(model: nn.Module) -> int:
     """
     total = 0
     for module in model.modules():
-        if isinstance(module, (nn.Linear, Int8Linear, InputMajorLinear, nn.LayerNorm)):
+        if isinstance(module, Int8Linear):  # packed weights: neither parameters nor buffers
+            total += int8_linear_bytes(module)
+        elif isinstance(module, (nn.Linear, InputMajorLinear, nn.LayerNorm)):
             tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
             total += sum(t.numel() * t.element_size() for t in tensors)
     return total
 
 
 def weights_mb(model: nn.Module) -> float:
-    """Memory held by the model's parameters and buffers (tied tensors once)."""
+    """Memory held by the model's parameters and buffers (tied tensors once) and int8 layers."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
+    total += sum(int8_linear_bytes(m) for m in model.modules() if isinstance(m, Int8Linear))
     return total / 2**20
 
 

@@ -1,22 +1,40 @@
-"""Smaller weights for faster decoding: bf16, and int8 weight-only with per-output-channel scales.
+"""Smaller weights for faster decoding: bf16, and int8 with per-output-channel weight scales.
 
-Decoding one token reads every weight once, so on a CPU it is bound by memory bandwidth: halving
-the bytes per weight (bf16) or quartering them (int8) is what makes it faster. int8 here is
-weight-only (gpt-fast style): activations stay in floating point, each output channel of a linear
-layer has its own symmetric scale, `y = (x @ W_int8.T) * scale + bias`.
+Decoding one token reads every weight once, so on a CPU it is bound by memory bandwidth as long as
+the multiply keeps up: int8 weights quarter the bytes, but only a kernel that multiplies in integers
+is fast enough for that to show on this CPU. "int8" is therefore FBGEMM's dynamic int8 linear layer
+(`torch.ao.nn.quantized.dynamic.Linear`, CPU only): weights int8, symmetric, one scale per output
+channel, packed once; activations quantised to 7-bit unsigned integers on the fly, with one scale
+for the whole input of each call (all rows of a batch together); int32 accumulation, float32
+output and bias. So int8 logits differ from fp32 a little more than with weight-only int8, and a
+sequence's int8 logits depend slightly on what else is in its batch.
 
-What is fastest on this CPU was measured, not assumed (2-core AVX2 x86 without native bf16 or
-VNNI, torch 2.13, a shared and noisy machine):
-- one or a few rows (batch-1 decoding): `torch.ops.aten._weight_int8pack_mm` reads the int8
-  weight directly; it is only vectorised for bf16 activations (the fp32 variant was several times
-  slower), so activations are cast to bf16 for it. It is compute-bound here: about 11 ms for the
-  50257 x 768 LM head at one thread, no faster than fp32 in the input-major layout (9 ms), so int8
-  decoding is about as fast as fp32 on this CPU. FBGEMM's dynamic int8 linear
-  (`torch.ao.quantization.quantize_dynamic`, which also quantises activations) took 3.5 ms.
-- many rows (prefill, long batches): dequantising the weight and calling `F.linear`;
-- `torch.compile` of the dequantise-and-multiply did not fuse on the CPU and was far slower.
-- bf16 matrix multiplies are emulated on this CPU and ran 20-40x slower than fp32: bf16 saves
-  memory here, not time.
+Measured on this CPU (2-core AVX2 x86 without native bf16 or VNNI, torch 2.13, shared and noisy,
+so expect +-30 %): greedy decode tokens/s at batch 1, distilgpt2 shape with random weights,
+16-token prompt, best of 3; one run per thread count, ratio to transformers' fp32 `generate`:
+
+    threads  transformers fp32  ours fp32    int8 weight-only  int8 dynamic (this)  fp16 dynamic
+    1        31.8               34.4 1.08x   44.9 1.41x        68.8 2.16x           51.8 1.63x
+    2        30.6               42.9 1.40x   70.6 2.31x        84.9 2.77x           71.3 2.33x
+
+On a quieter moment int8 dynamic reached 101 tok/s at one thread (3.0x transformers' 33.4), and
+`distillery bench preset:distilgpt2 --dtype fp32,int8 --batch 1` gave int8 2.50x (1 thread) and
+3.05x (2 threads) transformers' fp32 decoding, and a 1.9-2.2x faster 8x256 forward pass.
+- "int8 weight-only" was the previous implementation, `aten._weight_int8pack_mm` with int8 weights
+  and bf16 activations: compute-bound here, as bf16 arithmetic is emulated on this CPU.
+- "fp16 dynamic": FBGEMM's fp16-weight linear (`float16_dynamic_qconfig`), float activations.
+- Per-tensor int8 weight scales were no faster than per-channel and slightly less accurate.
+- In the int8 decode step about 80 % of the time is in the int8 linear layers (about 9 GB/s of
+  int8 weights): the integer multiply-adds, not memory, limit it without VNNI.
+- `torch.compile` of a dequantise-and-multiply did not fuse on the CPU and was far slower; bf16
+  matrix multiplies ran 20-40x slower than fp32: bf16 saves memory here, not time.
+
+Quality: perplexity on the first 90,000 characters of WikiText-2 raw test (20,497 tokens; windows
+of 256, stride 128) of a small GPT-2 (4 layers, 256 wide, GPT-2 tokenizer) trained for only 50
+steps on books (an early model, so its activations have fewer outliers than a well-trained one):
+fp32 21888.2, bf16 21854.3 (-0.15 %), int8 dynamic 21988.8 (+0.46 %), int8 weight-only 21900.3
+(+0.06 %), int8 dynamic per-tensor weights 21993.8 (+0.48 %), fp16 dynamic 21887.6 (-0.00 %).
+`bench/bench_quality.py MODEL_DIR` measures this for a trained model.
 
 Float weights are faster to decode with in the other layout: `F.linear` with nn.Linear's
 (out, in) weight at one row reached about 12 GB/s on this CPU, `addmm` with the weight stored
@@ -26,64 +44,22 @@ every layer so (at one thread). `to_input_major` makes that change for decoding.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as Int8Linear  # the layer "int8" puts in place
 
 from distillery.models.common import DistilleryError
 
 QUANTIZE_DTYPES = ("fp32", "bf16", "int8")
 
-# At most this many rows of activations go through the packed int8 kernel; more use dequantise.
-PACKED_KERNEL_MAX_ROWS = 4
-# The packed kernel reads the input dimension in blocks of 8: with other sizes it returned garbage
-# or crashed (torch 2.13), so those layers always dequantise.
-PACKED_KERNEL_IN_MULTIPLE = 8
 
-
-def _packed_kernel_available() -> bool:
-    return hasattr(torch.ops.aten, "_weight_int8pack_mm")
-
-
-class Int8Linear(nn.Module):
-    """A linear layer holding an int8 weight (out, in) and one float scale per output channel."""
-
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.in_features = weight.size(1)
-        self.out_features = weight.size(0)
-        self.register_buffer("weight", weight)  # int8 (out, in)
-        self.register_buffer("scales", scales)  # float (out,)
-        self.packed_kernel = (self.in_features % PACKED_KERNEL_IN_MULTIPLE == 0) and _packed_kernel_available()
-        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
-
-    @classmethod
-    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                   scale_dtype: torch.dtype = torch.float32) -> Int8Linear:
-        """Symmetric per-output-channel quantisation: scale = max|w_row| / 127."""
-        w = weight.detach().float()
-        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-        b = bias.detach().clone() if bias is not None else None
-        return cls(q, scales.to(scale_dtype), b)
-
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.weight.to(dtype) * self.scales.to(dtype)[:, None]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if self.packed_kernel and rows <= PACKED_KERNEL_MAX_ROWS and x.device.type == "cpu":
-            flat = x.reshape(rows, self.in_features).to(torch.bfloat16).contiguous()
-            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales.to(torch.bfloat16))
-            y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        else:
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+def int8_linear_bytes(layer: Int8Linear) -> int:
+    """Bytes one int8 layer reads per call: the int8 weight, a float32 scale per output channel, the bias."""
+    bias = layer.bias()
+    bias_bytes = bias.numel() * bias.element_size() if bias is not None else 0
+    return layer.weight().numel() + 4 * layer.out_features + bias_bytes
 
 
 class InputMajorLinear(nn.Module):
@@ -130,9 +106,12 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 def quantize_model(model: nn.Module, dtype: str) -> nn.Module:
     """Return `model` with smaller weights, changed in place: "fp32", "bf16" or "int8".
 
-    "bf16" casts every parameter and buffer. "int8" replaces every `nn.Linear` (the tied LM head
-    included, as its own int8 copy; the embedding lookup stays in float) by an `Int8Linear`;
-    LayerNorms, embeddings and biases keep their float dtype. The model is put in eval mode.
+    "bf16" casts every parameter and buffer. "int8" (CPU only) replaces every `nn.Linear` by an
+    `Int8Linear` (module docstring: int8 weights per output channel, activations quantised per
+    call); the tied LM head becomes its own int8 copy, while embeddings, LayerNorms and biases stay
+    float32. The model is put in eval mode. An int8 model is for inference only: it cannot be
+    trained, saved with `save_pretrained` nor reloaded from a state dict; quantise the float
+    checkpoint again after loading instead.
     """
     if dtype not in QUANTIZE_DTYPES:
         raise DistilleryError(f"dtype {dtype!r} is not supported; choose one of {', '.join(QUANTIZE_DTYPES)}.")
@@ -141,16 +120,27 @@ def quantize_model(model: nn.Module, dtype: str) -> nn.Module:
         return model.to(torch.float32)
     if dtype == "bf16":
         return model.to(torch.bfloat16)
-    linears = _linears(model)
-    if not linears:
+    if not any(isinstance(m, nn.Linear) for m in model.modules()):
         raise DistilleryError(
             f"int8 quantisation needs nn.Linear layers but {type(model).__name__} has none; "
             "use dtype 'fp32' or 'bf16' for it."
         )
-    for name, linear in linears:
-        # Replacing the module (not its weight) unties a tied head: the embedding keeps its float
-        # weight for lookups, the head gets an int8 copy.
-        _replace(model, name, Int8Linear.from_float(linear.weight, linear.bias, linear.weight.dtype))
+    devices = {t.device.type for t in list(model.parameters()) + list(model.buffers())}
+    if devices != {"cpu"}:
+        raise DistilleryError(
+            f"int8 runs on the CPU only but the model is on {', '.join(sorted(devices - {'cpu'}))}; "
+            "use device 'cpu' for int8, or dtype 'bf16' on that device."
+        )
+    model.to(torch.float32)
+    with warnings.catch_warnings():
+        # torch marks torch.ao.quantization and quantized tensors deprecated in favour of torchao
+        # (not installed); they still work in torch 2.13, and the warnings would only confuse users.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        # Swapping modules (not weights) unties a tied head: the embedding keeps its float weight.
+        torch.ao.quantization.quantize_dynamic(
+            model, {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, inplace=True
+        )
     return model
 
 

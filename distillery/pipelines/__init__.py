@@ -44,14 +44,15 @@ def pipeline(
     `model` is a local folder or hub id (the tokenizer is then read from the same place unless
     `tokenizer` names another), or a loaded distillery model together with its `tokenizer` (a
     Tokenizer or a folder). `dtype`: "float32" (default), "bfloat16", "float16", or "int8"
-    (weight-only, per-output-channel scales). Extra keyword arguments go to the pipeline's constructor (for
-    text-generation: generation settings that apply to every call).
+    (int8 weights with per-output-channel scales, activations quantised per call; CPU only).
+    Extra keyword arguments go to the pipeline's constructor (for text-generation: generation
+    settings that apply to every call).
     """
     from distillery.models.checkpoint import load_model, read_config, resolve_dtype, resolve_model_dir
 
     if task not in TASKS:
         raise DistilleryError(f"Unknown pipeline task {task!r}; choose one of {list(TASKS)}.")
-    # int8 is weight-only quantisation of a float model, applied after loading.
+    # int8 quantises a float model after loading.
     quantize = dtype == "int8"
     if quantize:
         dtype = None

@@ -63,7 +63,7 @@ def register(subparsers) -> None:
 
 def _add_device_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "int8"],
-                   help="weights: float32 (default), bfloat16, float16, or int8 weight-only")
+                   help="weights: float32 (default), bfloat16, float16, or int8 (CPU: int8 weights and activations)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
 
 

@@ -1,4 +1,4 @@
-"""bf16 and int8 weight-only models stay close to fp32; bad settings get one sentence."""
+"""bf16 and int8 models stay close to fp32; bad settings get one sentence."""
 
 from __future__ import annotations
 
@@ -9,15 +9,17 @@ from torch import nn
 from distillery.generation.quantize import (
     InputMajorLinear,
     Int8Linear,
+    int8_linear_bytes,
     load_quantized_model,
     quantize_model,
     to_input_major,
 )
 from distillery.models import DistilleryError, load_model
 
-# Stated tolerance: the largest logit error is at most 2 % of the largest |logit| (measured about
-# 0.5 % for both bf16 and int8 on the tiny random models).
-RELATIVE_TOLERANCE = 0.02
+# Stated tolerance: the largest logit error is at most 2 % of the largest |logit| for bf16 and 3 %
+# for int8, whose activations are quantised too (measured on the tiny random GPT-2: bf16 about
+# 0.5 %, int8 about 1.1 %).
+RELATIVE_TOLERANCE = {"bf16": 0.02, "int8": 0.03}
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -30,9 +32,9 @@ def test_gpt2_logits_close_to_fp32(tiny_gpt2_dir, dtype):
     with torch.inference_mode():
         ref = load_model(tiny_gpt2_dir)(ids).logits
         model = quantize_model(load_model(tiny_gpt2_dir), dtype)
-        # Many rows take the dequantise path, a single token the packed int8 kernel.
-        assert relative_error(model(ids).logits, ref) < RELATIVE_TOLERANCE
-        assert relative_error(model(ids[:1, :1]).logits, ref[:1, :1]) < RELATIVE_TOLERANCE
+        # Many rows share one activation scale in int8, a single token has its own.
+        assert relative_error(model(ids).logits, ref) < RELATIVE_TOLERANCE[dtype]
+        assert relative_error(model(ids[:1, :1]).logits, ref[:1, :1]) < RELATIVE_TOLERANCE[dtype]
 
 
 def test_roberta_masked_lm_int8_close_to_fp32(tiny_roberta_dir):
@@ -40,7 +42,7 @@ def test_roberta_masked_lm_int8_close_to_fp32(tiny_roberta_dir):
     with torch.inference_mode():
         ref = load_model(tiny_roberta_dir)(ids).logits
         out = quantize_model(load_model(tiny_roberta_dir), "int8")(ids).logits
-    assert relative_error(out, ref) < RELATIVE_TOLERANCE
+    assert relative_error(out, ref) < RELATIVE_TOLERANCE["int8"]
 
 
 def test_int8_cached_decoding_equals_uncached(tiny_gpt2_dir):
@@ -51,36 +53,40 @@ def test_int8_cached_decoding_equals_uncached(tiny_gpt2_dir):
         cache = model.new_cache(1, 8)
         model(ids[:, :7], cache=cache)
         step = model(ids[:, 7:], cache=cache, logits_to_keep=1).logits[0, -1]
-    assert relative_error(step, full) < RELATIVE_TOLERANCE
+    # Not bit-identical: the prompt's rows and the new token are quantised with different scales.
+    assert relative_error(step, full) < RELATIVE_TOLERANCE["int8"]
 
 
 def test_int8_replaces_every_linear_and_unties_the_head(tiny_gpt2_dir):
     model = quantize_model(load_model(tiny_gpt2_dir), "int8")
     assert not any(type(m) is nn.Linear for m in model.modules())
-    assert isinstance(model.lm_head, Int8Linear) and model.lm_head.weight.dtype == torch.int8
+    assert isinstance(model.lm_head, Int8Linear) and model.lm_head.weight().dtype == torch.qint8
     assert model.wte.weight.dtype == torch.float32  # the lookup stays in float
     assert model.blocks[0].ln_1.weight.dtype == torch.float32
 
 
-def test_int8_linear_is_per_channel_symmetric():
-    weight = torch.tensor([[1.0, -0.5, 0.25], [-100.0, 50.0, 0.0]])
-    layer = Int8Linear.from_float(weight, torch.tensor([1.0, 2.0]))
-    assert layer.weight.tolist() == [[127, -64, 32], [-127, 64, 0]]
-    assert torch.allclose(layer.scales, torch.tensor([1 / 127, 100 / 127]))
-    x = torch.randn(6, 3)
-    expected = x @ layer.dequantized_weight().T + torch.tensor([1.0, 2.0])
-    assert torch.allclose(layer(x), expected, atol=1e-5)
-    assert torch.allclose(layer(x[:1]), expected[:1], atol=1e-5)  # 3 inputs: never the packed kernel
+def test_int8_weights_are_per_channel_symmetric():
+    linear = nn.Linear(3, 2)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[1.0, -0.5, 0.25], [-100.0, 50.0, 0.0]]))
+    layer = quantize_model(nn.Sequential(linear), "int8")[0]
+    weight = layer.weight()
+    # Symmetric: zero points 0 and scale = max|w_row| / 127.5, the half-width of [-128, 127].
+    assert weight.q_per_channel_zero_points().tolist() == [0, 0]
+    assert torch.allclose(weight.q_per_channel_scales().float(), torch.tensor([1 / 127.5, 100 / 127.5]))
+    assert weight.int_repr().tolist() == [[127, -64, 32], [-128, 64, 0]]
+    assert int8_linear_bytes(layer) == 6 + 2 * 4 + 2 * 4
 
 
 @pytest.mark.parametrize("rows", [1, 3, 7])
-def test_int8_linear_paths_agree(rows):
-    # 1 and 3 rows take the packed kernel (bf16 inputs), 7 rows the dequantise path.
+def test_int8_linear_close_to_its_dequantised_weight(rows):
     torch.manual_seed(0)
-    layer = Int8Linear.from_float(torch.randn(24, 40), torch.randn(24))
-    x = torch.randn(rows, 40)
-    expected = x @ layer.dequantized_weight().T + layer.bias
-    assert torch.allclose(layer(x), expected, rtol=2e-2, atol=5e-2)
+    linear = nn.Linear(40, 24)
+    layer = quantize_model(nn.Sequential(linear), "int8")[0]
+    x = torch.randn(2, rows, 40)
+    expected = x @ layer.weight().dequantize().T + linear.bias
+    # Activations quantised to 7 bits over their range: errors of about range / 254 per input.
+    assert torch.allclose(layer(x), expected, atol=0.1), float((layer(x) - expected).abs().max())
 
 
 def test_bf16_casts_everything(tiny_gpt2_dir):
@@ -101,8 +107,13 @@ def test_unknown_dtype_names_the_choices(tiny_gpt2_dir):
 
 
 def test_int8_without_linear_layers_is_refused():
-    with pytest.raises(DistilleryError, match="no.*nn.Linear|nn.Linear layers but"):
+    with pytest.raises(DistilleryError, match="nn.Linear layers but Sequential has none"):
         quantize_model(nn.Sequential(nn.LayerNorm(4)), "int8")
+
+
+def test_int8_off_the_cpu_is_refused():
+    with pytest.raises(DistilleryError, match="CPU only but the model is on meta"):
+        quantize_model(nn.Sequential(nn.Linear(4, 4, device="meta")), "int8")
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
