@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from distillery.generation.config import GenerationConfig  # noqa: E402
 from distillery.generation.engine import generate  # noqa: E402
+from distillery.generation.quantize import to_input_major  # noqa: E402
 from distillery.models.checkpoint import build_model, load_hf_state_dict  # noqa: E402
 from distillery.models.gpt2 import GPT2Config  # noqa: E402
 from distillery.models.roberta import RobertaConfig  # noqa: E402
@@ -65,7 +66,10 @@ def gpt2_pair(preset: str, dtype: torch.dtype):
     theirs.generation_config.pad_token_id = 0
     ours = build_model(config).eval()
     load_hf_state_dict(ours, theirs.state_dict(), source=f"random {preset}")
-    return ours.to(dtype), theirs.to(dtype)
+    ours = ours.to(dtype)
+    if dtype == torch.float32:
+        ours = to_input_major(ours)  # what pipeline("text-generation") decodes with on a CPU
+    return ours, theirs.to(dtype)
 
 
 def bench_decode(preset: str, args: argparse.Namespace) -> dict:
@@ -100,7 +104,10 @@ def bench_fill_mask(args: argparse.Namespace) -> dict:
     ours_model = build_model(config, "masked-lm").eval()
     load_hf_state_dict(ours_model, theirs_model.state_dict(), source="random distilroberta-base")
     dtype = DTYPES[args.dtype]
-    ours = FillMaskPipeline(ours_model.to(dtype), load_tokenizer(vocab_dir))
+    ours_model = ours_model.to(dtype)
+    if dtype == torch.float32:
+        ours_model = to_input_major(ours_model)  # as pipeline("fill-mask") loads it on a CPU
+    ours = FillMaskPipeline(ours_model, load_tokenizer(vocab_dir))
     their_tokenizer = transformers.RobertaTokenizer(
         str(vocab_dir / "vocab.json"), str(vocab_dir / "merges.txt"),
         mask_token=AddedToken("<mask>", lstrip=True, rstrip=False),

@@ -65,6 +65,8 @@ def int8_linear_bytes(layer: Int8Linear) -> int:
 class InputMajorLinear(nn.Module):
     """A float linear layer whose weight is stored transposed, (in, out): y = x @ W_t + b."""
 
+    inference_only = True  # save_pretrained refuses models holding one
+
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features = linear.in_features

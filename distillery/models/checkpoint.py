@@ -334,10 +334,10 @@ def save_pretrained(model: Pretrained, directory: str | os.PathLike) -> None:
     """config.json + model.safetensors in transformers' layout, each written atomically."""
     from safetensors.torch import save
 
-    if any(not isinstance(m.weight, torch.Tensor) for m in model.modules()
-           if type(m).__name__ == "Linear" and hasattr(m, "weight") and callable(m.weight)):
-        raise CheckpointError("This model's linear layers are quantised (int8), which is for inference only; "
-                              "save the float model it was made from instead.")
+    if any(getattr(m, "inference_only", False) or type(m).__module__.startswith("torch.ao.nn.quantized")
+           for m in model.modules()):
+        raise CheckpointError("This model was converted for inference (int8 or decode-layout weights) and cannot "
+                              "be saved; save the float model it was made from instead.")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     hf_config = model.config.to_hf()
