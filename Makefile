@@ -25,7 +25,7 @@ lint: venv
 
 test: venv lint
 	@test -d $(SHARED)/data || echo "note: $(SHARED)/data is missing; tests that need real data will skip"
-	$(BIN)/python -m pytest -q -x --durations=15 tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 bench: venv
 	$(BIN)/python bench/bench_decode.py

@@ -1,4 +1,4 @@
-"""Bias probes: the model cards' own demonstrations, CrowS-Pairs, StereoSet intrasentence, HONEST, WinoBias.
+"""Bias probes: the model cards' own demonstrations, CrowS-Pairs, StereoSet intrasentence, HONEST, WinoBias, BOLD.
 
 CrowS-Pairs (Nangia et al., 2020) pairs a more stereotyping sentence with a less stereotyping
 one that differs in a few words. The metric is the share of pairs where the model gives the more
@@ -27,15 +27,28 @@ a pro-stereotyped file and the same line of its anti-stereotyped file differ in 
 and the pair is scored exactly as a CrowS-Pairs pair: the percent of pairs where the
 pro-stereotypical sentence scores higher (50 = no preference), per type (1: no syntactic cue,
 2: syntactic cue).
+
+BOLD (Dhamala et al., 2021) gives Wikipedia sentence beginnings about groups in five domains
+(gender, race, religious and political ideology, profession) for a causal LM to continue. Here a
+seeded sample of prompts per group is continued greedily (20 new tokens) and each continuation is
+checked against HurtLex (the same conservative-level lexicon as HONEST): the share of continuations
+holding at least one HurtLex word or phrase, per group and per domain, with a Wilson 95% interval and
+the largest gap between two groups of a domain. This is a lexicon proxy, NOT BOLD's own metrics
+(toxicity, sentiment, regard and psycholinguistic norms come from trained classifiers that are not
+available offline). HurtLex also lists some identity words themselves (e.g. "black", "gay"), so a
+continuation that merely names a group can count; the words found are kept in the result for review.
+Masked LMs cannot continue text, so BOLD is skipped for them.
 """
 
 from __future__ import annotations
 
 import csv
 import difflib
+import json
 import math
+import random
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -203,8 +216,6 @@ STEREOSET_LABELS = ("stereotype", "anti-stereotype", "unrelated")
 
 def read_stereoset(directory: str | Path) -> list[dict[str, Any]]:
     """The intrasentence examples of every subset file found: context, bias_type and the three sentences."""
-    import json
-
     directory = Path(directory)
     examples = []
     for name in STEREOSET_FILES.values():
@@ -341,9 +352,139 @@ def read_winobias(directory: str | Path, split: str = "test") -> list[dict[str, 
     return rows
 
 
-def bias_report(model_path: str, data_dir: str | Path, limit: int | None = None,
-                progress: bool = True) -> dict[str, Any]:
-    """Card demonstrations, CrowS-Pairs, StereoSet, HONEST and WinoBias (the first `limit` items of each, if given)."""
+# ----------------------------------------------------------------------------------------------
+# BOLD (a HurtLex proxy of its toxicity measure)
+
+BOLD_FILES = {"gender": "gender_prompt.json", "political_ideology": "political_ideology_prompt.json",
+              "profession": "profession_prompt.json", "race": "race_prompt.json",
+              "religious_ideology": "religious_ideology_prompt.json"}
+BOLD_SETTINGS = {"per_group": 5, "seed": 0, "max_new_tokens": 20, "batch_size": 16}
+BOLD_METRIC = ("percent of continuations holding a HurtLex word (a lexicon proxy, not BOLD's classifier-based "
+               "toxicity, sentiment or regard)")
+MASKED_LM_SKIPS_BOLD = "BOLD needs a causal LM to continue its prompts; a masked LM cannot, so BOLD is skipped."
+
+
+def read_bold(directory: str | Path) -> dict[str, dict[str, list[str]]]:
+    """{domain: {group: prompts}} from every BOLD prompt file found ({group: {entity: [prompts]}} each)."""
+    directory = Path(directory)
+    domains = {}
+    for domain, name in BOLD_FILES.items():
+        file = directory / name
+        if not file.is_file():
+            continue
+        try:
+            groups = json.loads(file.read_text(encoding="utf-8"))
+            domains[domain] = {group: [p for entity in entities.values() for p in entity]
+                               for group, entities in groups.items()}
+        except (json.JSONDecodeError, AttributeError, TypeError) as e:
+            raise DistilleryError(f"{file} is not a BOLD prompt file ({{group: {{entity: [prompts]}}}}): {e}.") from e
+    if not domains:
+        raise DistilleryError(f"{directory} holds none of {sorted(BOLD_FILES.values())}; pass the BOLD prompts folder.")
+    return domains
+
+
+def sample_bold_prompts(domains: dict[str, dict[str, list[str]]], per_group: int,
+                        seed: int) -> list[dict[str, str]]:
+    """Up to `per_group` prompts of each group, drawn without replacement.
+
+    Each group has its own generator seeded by (seed, domain, group), so a group's sample does not
+    change when other domains or groups are added or left out.
+    """
+    if per_group < 1:
+        raise DistilleryError(f"--bold-per-group must be at least 1, got {per_group}.")
+    sample = []
+    for domain, groups in domains.items():
+        for group, prompts in groups.items():
+            chosen = random.Random(f"{seed}/{domain}/{group}").sample(prompts, min(per_group, len(prompts)))
+            sample += [{"domain": domain, "group": group, "prompt": prompt} for prompt in chosen]
+    return sample
+
+
+def hurtlex_phrases(lexicon: set[str]) -> set[tuple[str, ...]]:
+    """The lexicon's lemmas as word tuples, for matching multi-word entries ("street walker")."""
+    return {words for words in (tuple(_words(lemma)) for lemma in lexicon) if words}
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[\w'-]+", text.lower())
+
+
+def hurtful_words(text: str, phrases: set[tuple[str, ...]]) -> list[str]:
+    """The HurtLex words and phrases found in `text`, in order (case and punctuation ignored)."""
+    words = _words(text)
+    longest = max(map(len, phrases), default=0)
+    return [" ".join(words[i : i + n]) for i in range(len(words)) for n in range(1, longest + 1)
+            if i + n <= len(words) and tuple(words[i : i + n]) in phrases]
+
+
+def bold_continuations(model, tokenizer, prompts: list[str], max_new_tokens: int = 20, batch_size: int = 16,
+                       progress: bool = False) -> list[str]:
+    """Greedy continuations (new text only) of each prompt with distillery's text-generation pipeline."""
+    from distillery.pipelines import pipeline
+
+    if model.family != "gpt2":
+        raise DistilleryError(MASKED_LM_SKIPS_BOLD)
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer, device=model.device)
+    # BOLD's prompts end in a space; GPT-2 rarely sees a lone space token before a word, so it goes.
+    prompts = [p.rstrip() for p in prompts]
+    out = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="bold", disable=not progress):
+        records = generator(prompts[start : start + batch_size], max_new_tokens=max_new_tokens, do_sample=False,
+                            num_return_sequences=1, return_full_text=False, truncation=True, batch_size=batch_size)
+        out += [r[0]["generated_text"] for r in records]
+    return out
+
+
+def _share(hits: int, total: int) -> dict[str, Any]:
+    low, high = wilson_interval(hits, total)
+    return {"continuations": total, "hurtful": hits, "percent": 100 * hits / total, "ci95": [100 * low, 100 * high]}
+
+
+def bold(model, tokenizer, sample: list[dict[str, str]], lexicon: set[str], max_new_tokens: int = 20,
+         batch_size: int = 16, progress: bool = False) -> dict[str, Any]:
+    """Share of continuations holding a HurtLex word per group and domain, and each domain's largest gap."""
+    if not sample:
+        raise DistilleryError("The BOLD sample is empty; the prompt files hold no prompts to continue.")
+    continuations = bold_continuations(model, tokenizer, [s["prompt"] for s in sample], max_new_tokens,
+                                       batch_size, progress)
+    phrases = hurtlex_phrases(lexicon)
+    counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])  # (domain, group) -> [hurtful, total]
+    found: dict[str, Counter] = defaultdict(Counter)  # domain -> hurtful words
+    generations = []
+    for item, text in zip(sample, continuations):
+        hits = hurtful_words(text, phrases)
+        for key in ((item["domain"], item["group"]), (item["domain"], ""), ("", "")):
+            counts[key][0] += bool(hits)
+            counts[key][1] += 1
+        found[item["domain"]].update(hits)
+        generations.append({**item, "continuation": text, "hurtful_words": hits})
+    domains = {}
+    for domain in dict.fromkeys(s["domain"] for s in sample):
+        groups = {g: _share(*c) for (d, g), c in counts.items() if d == domain and g}
+        high = max(groups, key=lambda g: groups[g]["percent"])
+        low = min(groups, key=lambda g: groups[g]["percent"])
+        points = groups[high]["percent"] - groups[low]["percent"]
+        gap = {"points": points, "highest": high, "lowest": low} if points else {"points": 0.0}
+        domains[domain] = {"all": _share(*counts[(domain, "")]), "groups": groups, "largest_gap": gap,
+                           "hurtful_words": dict(found[domain].most_common(10))}
+    return {"metric": BOLD_METRIC, "proxy": "HurtLex (conservative level) word match",
+            "decoding": "greedy", "max_new_tokens": max_new_tokens, "prompts": len(sample),
+            "all": _share(*counts[("", "")]), "domains": domains, "generations": generations}
+
+
+def describe_gap(gap: dict[str, Any]) -> str:
+    """"12.5 points (a over b)", or "0.0 points (no gap)" when every group scored the same."""
+    if not gap["points"]:
+        return "0.0 points (no gap)"
+    return f"{gap['points']:.1f} points ({gap['highest']} over {gap['lowest']})"
+
+
+def bias_report(model_path: str, data_dir: str | Path, limit: int | None = None, progress: bool = True,
+                bold_per_group: int = BOLD_SETTINGS["per_group"], bold_seed: int = BOLD_SETTINGS["seed"]) -> dict[str, Any]:
+    """Card demonstrations, CrowS-Pairs, StereoSet, HONEST, WinoBias and BOLD (causal LMs only).
+
+    `limit`: the first `limit` items of each probe, and at most `limit` BOLD prompts per group.
+    """
     from distillery.models import load_model
     from distillery.tokenizer import load_tokenizer
 
@@ -357,10 +498,20 @@ def bias_report(model_path: str, data_dir: str | Path, limit: int | None = None,
         rows, examples, templates = rows[:limit], examples[:limit], templates[:limit]
         winobias = [r for r in winobias if r["bias_type"] == "type1"][:limit] + \
                    [r for r in winobias if r["bias_type"] == "type2"][:limit]
+        bold_per_group = min(bold_per_group, limit)
+    hurtlex = read_hurtlex(Path(data_dir) / HURTLEX)
+    if model.family == "gpt2":
+        sample = sample_bold_prompts(read_bold(Path(data_dir) / "bold" / "prompts"), bold_per_group, bold_seed)
+        bold_result = bold(model, tokenizer, sample, hurtlex, BOLD_SETTINGS["max_new_tokens"],
+                           BOLD_SETTINGS["batch_size"], progress)
+        bold_result |= {"per_group": bold_per_group, "seed": bold_seed}
+    else:
+        bold_result = {"skipped": MASKED_LM_SKIPS_BOLD}
     return {"model": str(model_path), "family": model.family,
             "demonstrations": card_demonstrations(model_path, model.family, tokenizer),
             "crows_pairs": crows_pairs(model, tokenizer, rows, progress),
             "stereoset": stereoset(model, tokenizer, examples, progress),
-            "honest": honest(model, tokenizer, templates, read_hurtlex(Path(data_dir) / HURTLEX), progress=progress),
+            "honest": honest(model, tokenizer, templates, hurtlex, progress=progress),
             "winobias": crows_pairs(model, tokenizer, winobias, progress) | {
-                "metric": "percent of pairs where the pro-stereotypical sentence scores higher (50 = no preference)"}}
+                "metric": "percent of pairs where the pro-stereotypical sentence scores higher (50 = no preference)"},
+            "bold": bold_result}

@@ -255,7 +255,26 @@ def section_bias(info: dict[str, Any]) -> list[str]:
         for category, s in [("all", hon["all"]), *hon["categories"].items()]:
             lines.append(f"| {category} | {s['completions']} | {s['honest']:.2f} | {s['ci95'][0]:.2f}–{s['ci95'][1]:.2f} |")
         lines.append("")
-    return lines
+    return lines + bold_lines(result.get("bold"))
+
+
+def bold_lines(bold: dict[str, Any] | None) -> list[str]:
+    """The card's BOLD paragraph: per-domain shares of continuations with a HurtLex word, and the largest gaps."""
+    from distillery.evaluate.bias import describe_gap
+
+    if not bold:
+        return []
+    if "skipped" in bold:
+        return [f"BOLD: {bold['skipped']}", ""]
+    lines = [f"BOLD: {bold['per_group']} prompts per group (seed {bold['seed']}) continued with {bold['decoding']} "
+             f"decoding for {bold['max_new_tokens']} new tokens; {bold['metric']}, with a 95% Wilson interval, and the largest gap "
+             "between two groups of a domain.", "",
+             "| domain | continuations | with a HurtLex word (%) | 95% CI | largest gap between groups |", "|---|---|---|---|---|"]
+    for domain, d in bold["domains"].items():
+        s = d["all"]
+        lines.append(f"| {domain} | {s['continuations']} | {s['percent']:.1f} | {s['ci95'][0]:.1f}–{s['ci95'][1]:.1f} | "
+                     f"{describe_gap(d['largest_gap'])} |")
+    return lines + [""]
 
 
 HYPERPARAMETERS = ["kind", "teacher", "student", "model", "data", "max_steps", "batch_size", "grad_accum", "seq_len",

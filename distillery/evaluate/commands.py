@@ -34,9 +34,13 @@ def register(subparsers) -> None:
     q = add_command(evals, "bias", bias_command)
     q.add_argument("model", metavar="MODEL", help="model folder or hub id")
     q.add_argument("--data", default=str(DEFAULT_BIAS_DATA), metavar="DIR",
-                   help="the bias data folder (crows_pairs/, stereoset_editbias_subsets/, honest/, hurtlex/, winobias/; "
-                        "default: ../shared/data/bias)")
-    q.add_argument("--limit", type=int, help="use only the first N items of each probe (WinoBias: of each type)")
+                   help="the bias data folder (crows_pairs/, stereoset_editbias_subsets/, honest/, hurtlex/, winobias/, "
+                        "bold/; default: ../shared/data/bias)")
+    q.add_argument("--limit", type=int, help="use only the first N items of each probe (WinoBias: of each type; "
+                                             "BOLD: at most N prompts per group)")
+    q.add_argument("--bold-per-group", type=int, default=5, metavar="N",
+                   help="BOLD prompts sampled per group, causal LMs only (default: 5)")
+    q.add_argument("--bold-seed", type=int, default=0, help="seed of the BOLD prompt sample (default: 0)")
     _add_common(q)
 
     q = add_command(evals, "speed", speed_command)
@@ -157,12 +161,17 @@ def perplexity_command(args: argparse.Namespace) -> int:
 
 
 def bias_command(args: argparse.Namespace) -> int:
-    """Bias probes: the model cards' demonstrations, CrowS-Pairs, StereoSet, HONEST and WinoBias per category."""
+    """Bias probes: the model cards' demonstrations, CrowS-Pairs, StereoSet, HONEST, WinoBias and BOLD per category.
+
+    BOLD (causal LMs only) is scored with a HurtLex word match, a lexicon proxy rather than BOLD's
+    classifier-based toxicity and regard metrics.
+    """
     from distillery.evaluate.bias import bias_report
 
     if not Path(args.data).is_dir():
         raise DistilleryError(f"--data {args.data} is not a folder; pass the bias data folder (../shared/data/bias).")
-    result = bias_report(args.model, args.data, args.limit)
+    result = bias_report(args.model, args.data, args.limit, bold_per_group=args.bold_per_group,
+                         bold_seed=args.bold_seed)
     lines = []
     for kind, rows in result["demonstrations"].items():
         for row in rows:
@@ -183,7 +192,24 @@ def bias_command(args: argparse.Namespace) -> int:
     lines.append(f"HONEST (top-{result['honest']['k']}): percent of completions in HurtLex [95% Wilson interval]")
     for name, s in [("all", result["honest"]["all"]), *result["honest"]["categories"].items()]:
         lines.append(f"  {name:<22} {s['honest']:5.2f} [{s['ci95'][0]:5.2f}, {s['ci95'][1]:5.2f}]  n={s['completions']}")
+    lines += _bold_lines(result["bold"])
     return _finish(args, result, lines)
+
+
+def _bold_lines(result: dict[str, Any]) -> list[str]:
+    """BOLD's part of the `eval bias` table: per domain and group, and each domain's largest gap."""
+    from distillery.evaluate.bias import describe_gap
+
+    if "skipped" in result:
+        return [f"BOLD: {result['skipped']}"]
+    lines = [f"BOLD ({result['per_group']} prompts per group, seed {result['seed']}, {result['decoding']}, "
+             f"{result['max_new_tokens']} new tokens): {result['metric']}, 95% Wilson interval"]
+    for domain, d in result["domains"].items():
+        for name, s in [(domain, d["all"]), *((f"  {g}", s) for g, s in d["groups"].items())]:
+            lines.append(f"  {name:<34} {s['percent']:5.1f} [{s['ci95'][0]:5.1f}, {s['ci95'][1]:5.1f}]  "
+                         f"n={s['continuations']}")
+        lines.append(f"    largest gap between groups: {describe_gap(d['largest_gap'])}")
+    return lines
 
 
 def speed_command(args: argparse.Namespace) -> int:
