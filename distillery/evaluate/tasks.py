@@ -24,6 +24,7 @@ import math
 import random
 import re
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,29 +147,23 @@ def predict_tags(model, tokenizer, sentences: list[TaggedSentence], tags: list[s
     return out
 
 
-def finetune_tagger(model, tokenizer, train: list[TaggedSentence], dev: list[TaggedSentence], tags: list[str],
-                    settings: FinetuneSettings, progress: bool = True) -> dict[str, Any]:
-    """Fine-tune on `train` (cross-entropy on first pieces), then score `dev`."""
+def train_on_batches(model, items: list[Any], batch_loss: Callable[[list[Any]], torch.Tensor],
+                     settings: FinetuneSettings, desc: str, progress: bool) -> int:
+    """settings.epochs passes over `items` in seeded random batches: AdamW, linear warm-up then
+    linear decay, gradient clipping; `batch_loss(batch)` gives each batch's loss. Returns the steps."""
     rng = random.Random(settings.seed)
     torch.manual_seed(settings.seed)
-    settings.max_length = min(settings.max_length, model.config.max_tokens)
-    label_ids = {t: i for i, t in enumerate(tags)}
-    encoded = [encode_tagged(tokenizer, s, label_ids, settings.max_length) for s in train]
-    total = math.ceil(len(encoded) / settings.batch_size) * settings.epochs
+    total = math.ceil(len(items) / settings.batch_size) * settings.epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     warmup = int(settings.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_linear_decay(s, warmup, total))
-    bar = tqdm(total=total, desc="token classification", disable=not progress)
+    bar = tqdm(total=total, desc=desc, disable=not progress)
     for _ in range(settings.epochs):
         model.train()
-        order = list(range(len(encoded)))
+        order = list(range(len(items)))
         rng.shuffle(order)
         for start in range(0, len(order), settings.batch_size):
-            batch = [encoded[i] for i in order[start:start + settings.batch_size]]
-            ids, mask = collate([b[0] for b in batch], tokenizer.pad_token_id)
-            labels, _ = collate([b[1] for b in batch], IGNORE)
-            logits = model(ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
-            loss = F.cross_entropy(logits.transpose(1, 2), labels.to(model.device), ignore_index=IGNORE)
+            loss = batch_loss([items[i] for i in order[start:start + settings.batch_size]])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
             optimizer.step()
@@ -177,6 +172,23 @@ def finetune_tagger(model, tokenizer, train: list[TaggedSentence], dev: list[Tag
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
     bar.close()
+    return total
+
+
+def finetune_tagger(model, tokenizer, train: list[TaggedSentence], dev: list[TaggedSentence], tags: list[str],
+                    settings: FinetuneSettings, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune on `train` (cross-entropy on first pieces), then score `dev`."""
+    settings.max_length = min(settings.max_length, model.config.max_tokens)
+    label_ids = {t: i for i, t in enumerate(tags)}
+    encoded = [encode_tagged(tokenizer, s, label_ids, settings.max_length) for s in train]
+
+    def batch_loss(batch: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+        ids, mask = collate([b[0] for b in batch], tokenizer.pad_token_id)
+        labels, _ = collate([b[1] for b in batch], IGNORE)
+        logits = model(ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        return F.cross_entropy(logits.transpose(1, 2), labels.to(model.device), ignore_index=IGNORE)
+
+    total = train_on_batches(model, encoded, batch_loss, settings, "token classification", progress)
     predicted = predict_tags(model, tokenizer, dev, tags, settings.max_length, settings.batch_size * 2)
     return {"task": "token-classification", "tags": tags, "steps": total, "train_sentences": len(train),
             "metrics": {"dev": {**entity_scores(predicted, [s.tags for s in dev]), "examples": len(dev)}},
@@ -316,33 +328,16 @@ def predict_answers(model, tokenizer, examples: list[QAExample], windows: list[Q
 def finetune_qa(model, tokenizer, train: list[QAExample], dev: list[QAExample], settings: FinetuneSettings,
                 doc_stride: int = 128, progress: bool = True) -> dict[str, Any]:
     """Fine-tune start/end prediction on `train`, then exact match and F1 on `dev`."""
-    rng = random.Random(settings.seed)
-    torch.manual_seed(settings.seed)
     settings.max_length = min(settings.max_length, model.config.max_tokens)
     windows = qa_windows(tokenizer, train, settings.max_length, doc_stride)
-    total = math.ceil(len(windows) / settings.batch_size) * settings.epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    warmup = int(settings.warmup_ratio * total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_linear_decay(s, warmup, total))
-    bar = tqdm(total=total, desc="question answering", disable=not progress)
-    for _ in range(settings.epochs):
-        model.train()
-        order = list(range(len(windows)))
-        rng.shuffle(order)
-        for start in range(0, len(order), settings.batch_size):
-            batch = [windows[i] for i in order[start:start + settings.batch_size]]
-            ids, mask = collate([w.ids for w in batch], tokenizer.pad_token_id)
-            logits = model(ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
-            targets = torch.tensor([[w.start, w.end] for w in batch], device=model.device)
-            loss = (F.cross_entropy(logits[..., 0], targets[:, 0]) + F.cross_entropy(logits[..., 1], targets[:, 1])) / 2
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    bar.close()
+
+    def batch_loss(batch: list[QAWindow]) -> torch.Tensor:
+        ids, mask = collate([w.ids for w in batch], tokenizer.pad_token_id)
+        logits = model(ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        targets = torch.tensor([[w.start, w.end] for w in batch], device=model.device)
+        return (F.cross_entropy(logits[..., 0], targets[:, 0]) + F.cross_entropy(logits[..., 1], targets[:, 1])) / 2
+
+    total = train_on_batches(model, windows, batch_loss, settings, "question answering", progress)
     dev_windows = qa_windows(tokenizer, dev, settings.max_length, doc_stride)
     predictions = predict_answers(model, tokenizer, dev, dev_windows, settings.batch_size * 2)
     return {"task": "question-answering", "steps": total, "train_examples": len(train),
