@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,13 @@ def save_tiny_roberta(directory: Path, cls_name: str = "RobertaForMaskedLM", voc
     kwargs.update(overrides)
     model = getattr(transformers, cls_name)(transformers.RobertaConfig(**kwargs)).eval()
     model.save_pretrained(directory)
+    return Path(directory)
+
+
+def copy_vocab(shared_data: Path, style: str, directory: Path) -> Path:
+    """Put the real GPT-2 or RoBERTa vocab.json + merges.txt next to a tiny model; return the folder."""
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(shared_data / "tokenizers" / style / name, Path(directory) / name)
     return Path(directory)
 
 

@@ -65,11 +65,6 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def select(self, index: torch.Tensor) -> None:
-        """Keep only the batch rows in `index` (used when sequences are dropped or reordered)."""
-        self.k = self.k[:, index]
-        self.v = self.v[:, index]
-
 
 _ACTIVATIONS = {
     "gelu_new": lambda: nn.GELU(approximate="tanh"),

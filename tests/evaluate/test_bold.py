@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
-from conftest import save_tiny_gpt2, save_tiny_roberta
+from conftest import copy_vocab, save_tiny_gpt2, save_tiny_roberta
 
 from distillery.evaluate import bias
 from distillery.models import load_model
@@ -29,8 +28,7 @@ def models(tmp_path_factory, shared_data):
     gpt2 = save_tiny_gpt2(root / "gpt2", vocab_size=50257, n_embd=16, n_head=2)
     roberta = save_tiny_roberta(root / "roberta", vocab_size=50265, hidden_size=16, num_attention_heads=2)
     for model_dir, vocab in ((gpt2, "gpt2"), (roberta, "roberta")):
-        for name in ("vocab.json", "merges.txt"):
-            shutil.copy(shared_data / "tokenizers" / vocab / name, model_dir / name)
+        copy_vocab(shared_data, vocab, model_dir)
     return {"gpt2": gpt2, "roberta": roberta}
 
 

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 import yaml
-from conftest import save_tiny_gpt2
+from conftest import copy_vocab, save_tiny_gpt2
 
 from distillery.cli import main
 from distillery.evaluate import card, speed
@@ -33,8 +33,7 @@ def gpt2_pair(tmp_path_factory, shared_data):
     student = save_tiny_gpt2(root / "student", vocab_size=50257, n_embd=16, n_head=2, n_layer=1)
     teacher = save_tiny_gpt2(root / "teacher", vocab_size=50257, n_embd=16, n_head=2, n_layer=3)
     for d in (student, teacher):
-        for name in ("vocab.json", "merges.txt"):
-            shutil.copy(shared_data / "tokenizers" / "gpt2" / name, d / name)
+        copy_vocab(shared_data, "gpt2", d)
     return student, teacher
 
 

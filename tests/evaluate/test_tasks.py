@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import save_tiny_roberta
+from conftest import copy_vocab, save_tiny_roberta
 
 from distillery.evaluate import tasks
 from distillery.evaluate.glue import FinetuneSettings
@@ -62,12 +62,10 @@ def test_tagger_learns_a_pattern(tmp_path):
 
 @pytest.fixture(scope="module")
 def roberta_with_vocab(tmp_path_factory, shared_data):
-    import shutil
 
     model_dir = save_tiny_roberta(tmp_path_factory.mktemp("qa") / "r", vocab_size=50265, hidden_size=16,
                                   num_attention_heads=2)
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copy(shared_data / "tokenizers" / "roberta" / name, model_dir / name)
+    copy_vocab(shared_data, "roberta", model_dir)
     return model_dir
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, save_tiny_gpt2, save_tiny_roberta
+from conftest import ROOT, copy_vocab, save_tiny_gpt2, save_tiny_roberta
 
 from distillery.cli import main
 from distillery.models import load_model
@@ -23,16 +22,14 @@ COMMANDS = ["generate", "fill-mask", "embed", "info"]
 def gpt2_dir(shared_data, tmp_path_factory):
     directory = save_tiny_gpt2(tmp_path_factory.mktemp("cli") / "gpt2", vocab_size=50257,
                                bos_token_id=50256, eos_token_id=50256)
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copy(shared_data / "tokenizers" / "gpt2" / name, directory / name)
+    copy_vocab(shared_data, "gpt2", directory)
     return directory
 
 
 @pytest.fixture(scope="module")
 def roberta_dir(shared_data, tmp_path_factory):
     directory = save_tiny_roberta(tmp_path_factory.mktemp("cli") / "roberta", vocab_size=50265)
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copy(shared_data / "tokenizers" / "roberta" / name, directory / name)
+    copy_vocab(shared_data, "roberta", directory)
     return directory
 
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
-from conftest import save_tiny_gpt2, save_tiny_roberta
+from conftest import copy_vocab, save_tiny_gpt2, save_tiny_roberta
 
 from distillery.models import DistilleryError, load_model
 from distillery.pipelines.feature_extraction import FeatureExtractionPipeline
@@ -16,8 +14,7 @@ TEXTS = ["Replace me by any text you'd like.", "Hello, I’m a language model", 
 
 
 def with_vocab(directory, shared_data, style):
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copy(shared_data / "tokenizers" / style / name, directory / name)
+    copy_vocab(shared_data, style, directory)
     return directory
 
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
-from conftest import save_tiny_roberta
+from conftest import copy_vocab, save_tiny_roberta
 
 from distillery.models import DistilleryError, load_model
 from distillery.pipelines.fill_mask import FillMaskPipeline
@@ -19,8 +17,7 @@ CARD_TEXTS = ["Hello I'm a <mask> model.", "The man worked as a <mask>.", "The w
 def roberta_dir(shared_data, tmp_path_factory):
     """A tiny random RobertaForMaskedLM over the real 50,265-token vocabulary, with its tokenizer files."""
     directory = save_tiny_roberta(tmp_path_factory.mktemp("fill-mask") / "tiny", vocab_size=50265)
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copy(shared_data / "tokenizers" / "roberta" / name, directory / name)
+    copy_vocab(shared_data, "roberta", directory)
     return directory
 
 
@@ -139,7 +136,6 @@ def test_gpt2_model_is_refused(tiny_gpt2_dir, roberta_dir):
 
 
 def test_tokenizer_without_mask_is_refused(roberta_dir, shared_data, tmp_path):
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copy(shared_data / "tokenizers" / "gpt2" / name, tmp_path / name)
+    copy_vocab(shared_data, "gpt2", tmp_path)
     with pytest.raises(DistilleryError, match=r"The gpt2 tokenizer has no mask token"):
         FillMaskPipeline(load_model(roberta_dir), load_tokenizer(tmp_path))

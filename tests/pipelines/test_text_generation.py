@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_gpt2, save_tiny_roberta
+from conftest import copy_vocab, save_tiny_gpt2, save_tiny_roberta
 from torch import nn
 
 from distillery.models import DistilleryError, ModelOutput, load_model
@@ -31,8 +30,7 @@ CARD_PROMPT = "Hello, I’m a language model"
 def gpt2_dir(tmp_path_factory, shared_data):
     """A tiny random GPT-2 (64 positions) over the real 50,257-token vocabulary, with its tokenizer files."""
     directory = save_tiny_gpt2(tmp_path_factory.mktemp("textgen") / "tiny-gpt2", vocab_size=50257)
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copy(shared_data / "tokenizers" / "gpt2" / name, directory / name)
+    copy_vocab(shared_data, "gpt2", directory)
     return directory
 
 
@@ -227,8 +225,7 @@ def test_pipeline_builds_every_task(tmp_path, shared_data, gpt2_dir):
     from distillery.pipelines.fill_mask import FillMaskPipeline
 
     roberta_dir = save_tiny_roberta(tmp_path / "tiny-roberta", vocab_size=50265)
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copy(shared_data / "tokenizers" / "roberta" / name, roberta_dir / name)
+    copy_vocab(shared_data, "roberta", roberta_dir)
     unmasker = pipeline("fill-mask", model=roberta_dir)
     assert isinstance(unmasker, FillMaskPipeline) and len(unmasker("Hello I'm a <mask> model.", top_k=2)) == 2
     extractor = pipeline("feature-extraction", model=gpt2_dir)
@@ -252,8 +249,7 @@ def distilgpt2_like_dir(tmp_path_factory, shared_data):
     """Tiny weights whose config.json carries distilgpt2's own text-generation settings."""
     directory = save_tiny_gpt2(tmp_path_factory.mktemp("card") / "tiny-distilgpt2", vocab_size=50257,
                                task_specific_params={"text-generation": {"do_sample": True, "max_length": 50}})
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copy(shared_data / "tokenizers" / "gpt2" / name, directory / name)
+    copy_vocab(shared_data, "gpt2", directory)
     return directory
 
 
