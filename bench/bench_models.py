@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from distillery.generation.config import GenerationConfig  # noqa: E402
 from distillery.generation.engine import generate  # noqa: E402
-from distillery.generation.quantize import to_input_major  # noqa: E402
+from distillery.generation.quantize import to_inference_layout  # noqa: E402
 from distillery.models.checkpoint import build_model, load_hf_state_dict  # noqa: E402
 from distillery.models.gpt2 import GPT2Config  # noqa: E402
 from distillery.models.roberta import RobertaConfig  # noqa: E402
@@ -68,7 +68,7 @@ def gpt2_pair(preset: str, dtype: torch.dtype):
     load_hf_state_dict(ours, theirs.state_dict(), source=f"random {preset}")
     ours = ours.to(dtype)
     if dtype == torch.float32:
-        ours = to_input_major(ours)  # what pipeline("text-generation") decodes with on a CPU
+        ours = to_inference_layout(ours)  # what pipeline("text-generation") decodes with on a CPU
     return ours, theirs.to(dtype)
 
 
@@ -106,7 +106,7 @@ def bench_fill_mask(args: argparse.Namespace) -> dict:
     dtype = DTYPES[args.dtype]
     ours_model = ours_model.to(dtype)
     if dtype == torch.float32:
-        ours_model = to_input_major(ours_model)  # as pipeline("fill-mask") loads it on a CPU
+        ours_model = to_inference_layout(ours_model)  # as pipeline("fill-mask") loads it on a CPU
     ours = FillMaskPipeline(ours_model, load_tokenizer(vocab_dir))
     their_tokenizer = transformers.RobertaTokenizer(
         str(vocab_dir / "vocab.json"), str(vocab_dir / "merges.txt"),

@@ -22,11 +22,11 @@ from torch import nn
 
 from distillery.generation.quantize import (
     QUANTIZE_DTYPES,
-    InputMajorLinear,
+    InferenceLinear,
     Int8Linear,
     int8_linear_bytes,
     quantize_model,
-    to_input_major,
+    to_inference_layout,
 )
 from distillery.models.common import DistilleryError, Pretrained
 
@@ -43,7 +43,7 @@ class BenchSettings:
     repeats: int = 3
     reference: bool = True  # also time transformers on the same weights
     threads: int | None = None  # torch.set_num_threads; None keeps torch's default
-    input_major: bool = True  # float weights stored (in, out) for decoding (see quantize.py)
+    inference_layout: bool = True  # float weights prepacked / transposed for decoding (see quantize.py)
     bandwidth_megabytes: int = 256  # size of the tensor read to measure bandwidth (>> CPU caches)
 
     def __post_init__(self) -> None:
@@ -125,7 +125,9 @@ def bytes_read_per_token(model: nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, Int8Linear):  # packed weights: neither parameters nor buffers
             total += int8_linear_bytes(module)
-        elif isinstance(module, (nn.Linear, InputMajorLinear, nn.LayerNorm)):
+        elif isinstance(module, InferenceLinear):
+            total += module.weight_bytes()
+        elif isinstance(module, (nn.Linear, nn.LayerNorm)):
             tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
             total += sum(t.numel() * t.element_size() for t in tensors)
     return total
@@ -139,6 +141,8 @@ def weights_mb(model: nn.Module) -> float:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     total += sum(int8_linear_bytes(m) for m in model.modules() if isinstance(m, Int8Linear))
+    total += sum(m.weight_packed.element_size() * m.in_features * m.out_features  # not parameters either
+                 for m in model.modules() if isinstance(m, InferenceLinear) and m.packed)
     return total / 2**20
 
 
@@ -224,9 +228,11 @@ def bench_model(spec: str, dtype: str, settings: BenchSettings, bandwidth_gbs: f
     if settings.reference and _transformers_available():
         reference = hf_copy(model, dtype)
     model = quantize_model(model, dtype)
-    layout = "int8" if dtype == "int8" else "input-major" if settings.input_major else "linear"
-    if layout == "input-major":
-        to_input_major(model)
+    layout = "int8" if dtype == "int8" else "linear"
+    if dtype != "int8" and settings.inference_layout:
+        to_inference_layout(model)
+        packed = any(isinstance(m, InferenceLinear) and m.packed for m in model.modules())
+        layout = "onednn-packed" if packed else "input-major"
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     row: dict[str, Any] = {
@@ -300,7 +306,7 @@ def run_bench(specs: list[str], settings: BenchSettings,
         "settings": {"dtypes": list(settings.dtypes), "batch_sizes": list(settings.batch_sizes),
                      "prompt_tokens": settings.prompt_tokens, "new_tokens": settings.new_tokens,
                      "forward_shape": list(settings.forward_shape), "repeats": settings.repeats,
-                     "input_major": settings.input_major},
+                     "inference_layout": settings.inference_layout},
         "results": rows,
         "student_vs_teacher": student_vs_teacher(rows),
     }

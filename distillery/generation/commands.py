@@ -48,7 +48,7 @@ def bench_command(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         reference=not args.no_reference,
         threads=args.threads,
-        input_major=not args.linear_layout,
+        inference_layout=not args.linear_layout,
     )
     with tqdm(desc="bench", unit=" stage") as bar:
         def progress(stage: str) -> None:

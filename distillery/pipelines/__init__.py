@@ -77,9 +77,9 @@ def pipeline(
     elif directory is not None and model.device.type == "cpu" and model.dtype == torch.float32:
         # Few-row products (decoding, short texts) run faster on a CPU with (in, out) weights, the
         # layout of GPT-2's own Conv1D; only for models loaded here, which nobody else holds.
-        from distillery.generation.quantize import to_input_major
+        from distillery.generation.quantize import to_inference_layout
 
-        model = to_input_major(model)
+        model = to_inference_layout(model)
     if not hasattr(tokenizer, "decode"):
         from distillery.tokenizer import load_tokenizer
 

@@ -36,6 +36,10 @@ def register(subparsers) -> None:
     p.add_argument("--draft", metavar="MODEL", help="speculative decoding: a smaller model with the same "
                    "tokenizer drafts tokens that MODEL verifies (same output as MODEL alone)")
     p.add_argument("--draft-k", type=int, default=4, help="tokens drafted per round with --draft (default: 4)")
+    p.add_argument("--draft-dtype", choices=["float32", "bfloat16", "float16", "int8"],
+                   help="weights of the --draft model (default: --dtype); int8 makes drafting cheaper")
+    p.add_argument("--compile", action="store_true",
+                   help="run decode steps through torch.compile (compiles first; pays off on GPUs, not this CPU)")
     p.add_argument("--no-full-text", action="store_true", help="print only the generated part, not the prompt")
     p.add_argument("--truncation", action="store_true", help="keep the end of a prompt too long for the model")
     _add_device_flags(p)
@@ -88,7 +92,8 @@ def generate_command(args: argparse.Namespace) -> int:
     if args.truncation:
         options["truncation"] = True
     check_device(args.device)
-    generator = pipeline("text-generation", model=args.model, device=args.device, dtype=args.dtype)
+    generator = pipeline("text-generation", model=args.model, device=args.device, dtype=args.dtype,
+                         compile=args.compile)
     if args.seed is not None:
         set_seed(args.seed)
     if args.draft:
@@ -106,6 +111,7 @@ def generate_command(args: argparse.Namespace) -> int:
 
 def _speculative(args: argparse.Namespace, generator, options: dict[str, Any]) -> int:
     """`generate --draft`: the draft model proposes tokens, the target verifies them in one pass."""
+    from distillery.generation.quantize import quantize_model, to_inference_layout
     from distillery.generation.speculative import speculative_generate
     from distillery.models.checkpoint import load_model
     from distillery.pipelines.text_generation import cut_at_stop
@@ -116,7 +122,12 @@ def _speculative(args: argparse.Namespace, generator, options: dict[str, Any]) -
                               "leave them out.")
     config = generator.generation_config(**{k: v for k, v in options.items()
                                             if k not in ("stop", "return_full_text", "truncation")})
-    draft = load_model(args.draft, device=args.device, dtype=None if args.dtype == "int8" else args.dtype)
+    draft_dtype = args.draft_dtype or args.dtype
+    draft = load_model(args.draft, device=args.device, dtype=None if draft_dtype == "int8" else draft_dtype)
+    if draft_dtype == "int8":
+        draft = quantize_model(draft, "int8")
+    elif draft.device.type == "cpu" and draft.dtype == torch.float32:
+        draft = to_inference_layout(draft)  # as pipeline() loads the target
     prompt = generator.tokenizer.encode(args.prompt)
     if not prompt:
         raise DistilleryError("--draft needs a non-empty PROMPT.")

@@ -68,8 +68,9 @@ class TextGenerationPipeline:
     """Continue one prompt or a list of prompts with a GPT-2 family model."""
 
     def __init__(self, model: Pretrained, tokenizer, generation_defaults: dict[str, Any] | None = None,
-                 **generate_kwargs: Any) -> None:
+                 compile: bool = False, **generate_kwargs: Any) -> None:
         """`generation_defaults`: the checkpoint's settings (see `checkpoint_generation_defaults`);
+        `compile`: decode steps through torch.compile (engine.compiled_decode_step);
         `generate_kwargs` (max_new_tokens=..., ...) apply to every call unless the call overrides them."""
         if not hasattr(model, "new_cache"):
             raise DistilleryError(
@@ -81,6 +82,7 @@ class TextGenerationPipeline:
         self.generation_defaults = {**checkpoint_generation_defaults(model), **(generation_defaults or {})}
         _check_generation_args(generate_kwargs)
         self.generate_kwargs = generate_kwargs
+        self.compile = compile
 
     def __call__(
         self,
@@ -118,7 +120,8 @@ class TextGenerationPipeline:
             chunk = prompts[start : start + batch_size]
             ids, mask = self._encode_batch(chunk, config, truncation)
             checker = StopStrings(self.tokenizer, stops, len(chunk) * n) if stops else None
-            tokens = generate(self.model, ids, mask, config, stop=checker)[:, ids.size(1) :].tolist()
+            tokens = generate(self.model, ids, mask, config, stop=checker, compile=self.compile)
+            tokens = tokens[:, ids.size(1) :].tolist()
             for i, prompt in enumerate(chunk):
                 records = []
                 for row in tokens[i * n : (i + 1) * n]:
@@ -141,7 +144,7 @@ class TextGenerationPipeline:
         decoder = self.tokenizer.incremental_decoder(skip_special_tokens=True)
         eos = set(config.eos_token_ids)
         pending = ""  # decoded text not yet yielded: it may be the start of a stop string
-        for token in stream(self.model, ids, None, config):
+        for token in stream(self.model, ids, None, config, compile=self.compile):
             token_id = int(token[0])
             if token_id in eos:
                 break

@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 from distillery.generation.quantize import (
-    InputMajorLinear,
+    InferenceLinear,
     Int8Linear,
     int8_linear_bytes,
     load_quantized_model,
     quantize_model,
-    to_input_major,
+    to_inference_layout,
 )
 from distillery.models import DistilleryError, load_model
 
@@ -117,21 +117,46 @@ def test_int8_off_the_cpu_is_refused():
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_input_major_layout_computes_the_same(tiny_gpt2_dir, tiny_roberta_dir, dtype):
+def test_inference_layout_computes_the_same(tiny_gpt2_dir, tiny_roberta_dir, dtype):
     ids = torch.randint(3, 99, (2, 9), generator=torch.Generator().manual_seed(0))
     for directory in (tiny_gpt2_dir, tiny_roberta_dir):
         with torch.inference_mode():
             ref = quantize_model(load_model(directory), dtype)(ids).logits.float()
-            model = to_input_major(quantize_model(load_model(directory), dtype))
+            model = to_inference_layout(quantize_model(load_model(directory), dtype))
             assert not any(type(m) is nn.Linear for m in model.modules())
             out = model(ids).logits.float()
         atol = 1e-5 if dtype == "fp32" else 2e-2
         assert torch.allclose(out, ref, atol=atol), float((out - ref).abs().max())
 
 
-def test_input_major_decoding_equals_full_forward(tiny_gpt2_dir):
-    model = to_input_major(load_model(tiny_gpt2_dir))
-    assert isinstance(model.lm_head, InputMajorLinear) and model.wte.weight.shape == (99, 32)
+@pytest.mark.parametrize("shape", [(1, 48), (9, 48), (2, 40, 48), (300, 48)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_inference_linear_equals_linear(shape, bias):
+    linear = nn.Linear(48, 80, bias=bias)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    layer = InferenceLinear(linear)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), linear(x), atol=1e-5, rtol=1e-5)
+    assert layer.weight_bytes() == 48 * 80 * 4 + 80 * 4 * bias
+
+
+def test_inference_linear_packs_float32_on_the_cpu_and_transposes_bf16():
+    assert InferenceLinear(nn.Linear(8, 4)).packed == torch.backends.mkldnn.is_available()
+    bf16 = InferenceLinear(nn.Linear(8, 4).to(torch.bfloat16))
+    assert not bf16.packed and bf16.weight_t.shape == (8, 4)
+
+
+def test_inference_linear_under_torch_compile():
+    linear = nn.Linear(16, 24)
+    layer = InferenceLinear(linear)
+    x = torch.randn(3, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.compile(layer, dynamic=True)(x), linear(x), atol=1e-5, rtol=1e-5)
+
+
+def test_inference_layout_decoding_equals_full_forward(tiny_gpt2_dir):
+    model = to_inference_layout(load_model(tiny_gpt2_dir))
+    assert isinstance(model.lm_head, InferenceLinear) and model.wte.weight.shape == (99, 32)
     ids = torch.randint(0, 99, (1, 6), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         full = model(ids).logits[0, -1]

@@ -213,6 +213,19 @@ def test_generate_with_draft_equals_the_target_alone(capsys, gpt2_dir, tmp_path)
     assert 0.0 <= speculative["acceptance_rate"] <= 1.0 and speculative["target_passes"] >= 1
 
 
+def test_generate_with_an_int8_draft_equals_the_target_alone(capsys, gpt2_dir, tmp_path):
+    draft = save_tiny_gpt2(tmp_path / "draft", vocab_size=50257, seed=7, n_layer=1)
+    argv = ("generate", gpt2_dir, "Hello there", "--max-new-tokens", "10", "--greedy")
+    alone = run_json(capsys, *argv)[0]["generated_text"]
+    speculative = run_json(capsys, *argv, "--draft", draft, "--draft-dtype", "int8")
+    assert speculative["generated_text"] == alone
+
+
+def test_generate_compiled_equals_eager(capsys, gpt2_dir):
+    argv = ("generate", gpt2_dir, "Hello there", "--max-new-tokens", "6", "--greedy")
+    assert run_json(capsys, *argv, "--compile") == run_json(capsys, *argv)
+
+
 def test_generate_draft_refuses_several_sequences(capsys, gpt2_dir):
     code, out, err = run(capsys, "generate", gpt2_dir, "Hi", "--draft", gpt2_dir, "--do-sample",
                          "--num-return-sequences", "2")
