@@ -43,7 +43,7 @@ SHARED_SETTINGS = {
     "precision": f"{', '.join(PRECISIONS)} (auto: bf16 on GPU, fp32 on CPU)",
     "device": "auto, cpu, cuda, cuda:1, ...",
     "mlm_prob": "masked LM: fraction of tokens masked",
-    "mlm_smoothing": "masked LM: masking weight count^-smoothing",
+    "mlm_smoothing": "masked LM: masking weight count^-smoothing (0: uniform, as BERT/RoBERTa pre-training)",
     "eval_every": "steps between validation perplexities",
     "eval_batches": "validation batches per evaluation",
     "save_every": "steps between checkpoints",

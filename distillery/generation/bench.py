@@ -285,8 +285,9 @@ def run_bench(specs: list[str], settings: BenchSettings,
               progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Bandwidth, then every (model, dtype) row, then student-vs-teacher ratios.
 
-    Ratios compare each causal LM with the largest one benchmarked (the teacher) in the same dtype:
-    `decode_speedup` at batch 1 and `forward_speedup` for the full forward pass.
+    Ratios compare each model with the largest one of its family benchmarked (the teacher) in the
+    same dtype: `forward_speedup` for the full forward pass, `decode_speedup` at batch 1 (causal
+    LMs) and `fill_mask_speedup` (masked LMs).
     """
     if not specs:
         raise DistilleryError("Name at least one model to bench (a folder, hub id or preset:NAME).")
@@ -313,22 +314,25 @@ def run_bench(specs: list[str], settings: BenchSettings,
 
 
 def student_vs_teacher(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each smaller causal LM against the largest one in the same dtype."""
+    """Each smaller model against the largest one of its family in the same dtype."""
     out = []
-    for dtype in {r["dtype"] for r in rows}:
-        causal = [r for r in rows if r["dtype"] == dtype and r["family"] == "gpt2"]
-        if len(causal) < 2:
-            continue
-        teacher = max(causal, key=lambda r: r["parameters"])
-        for student in causal:
-            if student is teacher:
+    for dtype in sorted({r["dtype"] for r in rows}):
+        for family in ("gpt2", "roberta"):
+            same = [r for r in rows if r["dtype"] == dtype and r["family"] == family]
+            if len(same) < 2:
                 continue
-            entry = {"student": student["model"], "teacher": teacher["model"], "dtype": dtype,
-                     "forward_speedup": teacher["forward_ms"] / student["forward_ms"]}
-            if "1" in student["decode"] and "1" in teacher["decode"]:
-                entry["decode_speedup"] = (student["decode"]["1"]["tokens_per_s"]
-                                           / teacher["decode"]["1"]["tokens_per_s"])
-            out.append(entry)
+            teacher = max(same, key=lambda r: r["parameters"])
+            for student in same:
+                if student is teacher:
+                    continue
+                entry = {"student": student["model"], "teacher": teacher["model"], "dtype": dtype,
+                         "forward_speedup": teacher["forward_ms"] / student["forward_ms"]}
+                if "1" in student.get("decode", {}) and "1" in teacher.get("decode", {}):
+                    entry["decode_speedup"] = (student["decode"]["1"]["tokens_per_s"]
+                                               / teacher["decode"]["1"]["tokens_per_s"])
+                if "fill_mask_ms" in student and "fill_mask_ms" in teacher:
+                    entry["fill_mask_speedup"] = teacher["fill_mask_ms"] / student["fill_mask_ms"]
+                out.append(entry)
     return out
 
 
@@ -360,6 +364,8 @@ def format_report(report: dict[str, Any]) -> str:
         line = f"{s['student']} vs {s['teacher']} [{s['dtype']}]: forward {s['forward_speedup']:.2f}x"
         if "decode_speedup" in s:
             line += f", decode {s['decode_speedup']:.2f}x"
+        if "fill_mask_speedup" in s:
+            line += f", fill-mask {s['fill_mask_speedup']:.2f}x"
         lines.append(line)
     return "\n".join(lines)
 

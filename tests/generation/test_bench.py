@@ -58,9 +58,14 @@ def test_student_vs_teacher_pairs_within_a_dtype():
          "decode": {"1": {"tokens_per_s": 10.0}}},
         {"model": "t", "dtype": "int8", "family": "gpt2", "parameters": 2, "forward_ms": 0.5,
          "decode": {"1": {"tokens_per_s": 40.0}}},
+        {"model": "rs", "dtype": "fp32", "family": "roberta", "parameters": 1, "forward_ms": 1.0,
+         "fill_mask_ms": 4.0},
+        {"model": "rt", "dtype": "fp32", "family": "roberta", "parameters": 3, "forward_ms": 3.0,
+         "fill_mask_ms": 6.0},
     ]
     assert student_vs_teacher(rows) == [
-        {"student": "s", "teacher": "t", "dtype": "fp32", "forward_speedup": 2.0, "decode_speedup": 2.0}
+        {"student": "s", "teacher": "t", "dtype": "fp32", "forward_speedup": 2.0, "decode_speedup": 2.0},
+        {"student": "rs", "teacher": "rt", "dtype": "fp32", "forward_speedup": 3.0, "fill_mask_speedup": 1.5},
     ]
 
 
