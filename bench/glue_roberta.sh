@@ -13,6 +13,8 @@ OUT=${OUT:-runs/glue}
 TEACHER_STEPS=${TEACHER_STEPS:-1200}
 STUDENT_STEPS=${STUDENT_STEPS:-400}
 GLUE_EXAMPLES=${GLUE_EXAMPLES:-1000}
+GLUE_LR=${GLUE_LR:-3e-4}  # small models fine-tune best at a higher rate than roberta-base's 1e-5-3e-5
+GLUE_EPOCHS=${GLUE_EPOCHS:-5}
 TASKS=${TASKS:-"sst2 mrpc cola stsb rte"}
 X=${DISTILLERY:-.venv/bin/distillery}
 mkdir -p "$OUT"
@@ -36,7 +38,7 @@ for run in teacher distilled; do
   for task in $TASKS; do
     folder=$(ls -d "$D"/glue/* | grep -i -E "/(${task}|$(echo "$task" | sed 's/sst2/sst-2/;s/stsb/sts-b/'))$" | head -1)
     [ -f "$OUT/$run/eval/glue-$task.json" ] || \
-      $X glue "$task" "$OUT/$run/model" --data "$folder" --epochs 3 --lr 1e-4 --batch-size 32 --max-length 128 \
+      $X glue "$task" "$OUT/$run/model" --data "$folder" --epochs "$GLUE_EPOCHS" --lr "$GLUE_LR" --batch-size 32 --max-length 128 \
         --max-train-examples "$GLUE_EXAMPLES" --save "$OUT/$run/eval/glue-$task.json" > /dev/null
   done
 done
