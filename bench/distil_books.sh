@@ -2,14 +2,14 @@
 # Issue 3's evidence: on the shared books, a GPT-2-style teacher, its distilled half-depth student,
 # and the same student trained without the teacher for the same steps and tokens; perplexities on
 # held-out books, WikiText-2 raw test and WikiText-103 test, side by side.
-#   bench/distil_books.sh                 # ~30 min on a 2-core CPU
+#   bench/distil_books.sh                 # ~45 min on a 2-core CPU (docs/results.md has its output)
 #   TEACHER_STEPS=3000 STUDENT_STEPS=1500 bench/distil_books.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=${DISTILLERY_SHARED_DATA:-../shared/data}
 OUT=${OUT:-runs/books}
-TEACHER_STEPS=${TEACHER_STEPS:-800}
-STUDENT_STEPS=${STUDENT_STEPS:-400}
+TEACHER_STEPS=${TEACHER_STEPS:-1500}
+STUDENT_STEPS=${STUDENT_STEPS:-300}
 BATCH=${BATCH:-16}
 SEQ=${SEQ:-128}
 X=${DISTILLERY:-.venv/bin/distillery}
