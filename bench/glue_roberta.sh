@@ -42,6 +42,10 @@ for run in teacher distilled; do
         --max-train-examples "$GLUE_EXAMPLES" --save "$OUT/$run/eval/glue-$task.json" > /dev/null
   done
 done
+[ -f "$OUT/distilled/eval/bias.json" ] || \
+  $X eval bias "$OUT/distilled/model" --data "$D/bias" --save "$OUT/distilled/eval/bias.json" > /dev/null
+[ -f "$OUT/distilled/eval/speed.json" ] || \
+  $X eval speed "$OUT/distilled/model" "$OUT/teacher/model" --save "$OUT/distilled/eval/speed.json" > /dev/null
 $X card "$OUT/distilled" --teacher-eval "$OUT/teacher/eval" --out "$OUT/distilled/README.md"
 
 .venv/bin/python - "$OUT" $TASKS <<'PY'
