@@ -23,9 +23,9 @@ from distillery.distill.run_config import RunConfig
 from distillery.models.common import DistilleryError
 
 # Folders of the standard library that are not its ordinary code: the test suite (large and
-# repetitive), installed third-party packages, and code kept for old tools.
-# Tests, vendored packages, and generated tables (encodings/ is 14 % of the rest, all codec maps,
-# which a small model learns to parrot at the expense of ordinary code).
+# repetitive), installed third-party packages, code kept for old tools, and generated tables
+# (encodings/ is 14 % of the rest, all codec maps, which a small model learns to parrot at the
+# expense of ordinary code).
 SKIPPED_FOLDERS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo",
                    "__pycache__", "ensurepip", "config-3", "pydoc_data", "encodings"}
 # Prompts end inside a token, not on a space: byte-level BPE puts the space in front of the next word.

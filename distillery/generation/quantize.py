@@ -151,6 +151,17 @@ def to_inference_layout(model: nn.Module) -> nn.Module:
     return model
 
 
+def prepare_for_inference(model: nn.Module, int8: bool = False) -> nn.Module:
+    """What pipelines run: `quantize_model(model, "int8")` when `int8`; otherwise a float32 model
+    on the CPU gets `to_inference_layout`, and any other model is returned as it is."""
+    if int8:
+        return quantize_model(model, "int8")
+    weight = next(model.parameters())
+    if weight.device.type == "cpu" and weight.dtype == torch.float32:
+        return to_inference_layout(model)
+    return model
+
+
 def _linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 

@@ -70,16 +70,12 @@ def pipeline(
             head = "masked-lm"  # as transformers loads AutoModelForMaskedLM
         model = load_model(directory, task=head, dtype=dtype, device=device)
         tokenizer = tokenizer if tokenizer is not None else directory
-    if quantize:
-        from distillery.generation.quantize import quantize_model
+    if quantize or directory is not None:
+        # Few-row products (decoding, short texts) run faster on a CPU with prepacked weights; the
+        # layout changes only for models loaded here, which nobody else holds.
+        from distillery.generation.quantize import prepare_for_inference
 
-        model = quantize_model(model, "int8")
-    elif directory is not None and model.device.type == "cpu" and model.dtype == torch.float32:
-        # Few-row products (decoding, short texts) run faster on a CPU with (in, out) weights, the
-        # layout of GPT-2's own Conv1D; only for models loaded here, which nobody else holds.
-        from distillery.generation.quantize import to_inference_layout
-
-        model = to_inference_layout(model)
+        model = prepare_for_inference(model, int8=quantize)
     if not hasattr(tokenizer, "decode"):
         from distillery.tokenizer import load_tokenizer
 

@@ -111,7 +111,7 @@ def generate_command(args: argparse.Namespace) -> int:
 
 def _speculative(args: argparse.Namespace, generator, options: dict[str, Any]) -> int:
     """`generate --draft`: the draft model proposes tokens, the target verifies them in one pass."""
-    from distillery.generation.quantize import quantize_model, to_inference_layout
+    from distillery.generation.quantize import prepare_for_inference
     from distillery.generation.speculative import speculative_generate
     from distillery.models.checkpoint import load_model
     from distillery.pipelines.text_generation import cut_at_stop
@@ -124,10 +124,7 @@ def _speculative(args: argparse.Namespace, generator, options: dict[str, Any]) -
                                             if k not in ("stop", "return_full_text", "truncation")})
     draft_dtype = args.draft_dtype or args.dtype
     draft = load_model(args.draft, device=args.device, dtype=None if draft_dtype == "int8" else draft_dtype)
-    if draft_dtype == "int8":
-        draft = quantize_model(draft, "int8")
-    elif draft.device.type == "cpu" and draft.dtype == torch.float32:
-        draft = to_inference_layout(draft)  # as pipeline() loads the target
+    draft = prepare_for_inference(draft, int8=draft_dtype == "int8")  # as pipeline() prepares the target
     prompt = generator.tokenizer.encode(args.prompt)
     if not prompt:
         raise DistilleryError("--draft needs a non-empty PROMPT.")
