@@ -65,6 +65,17 @@ def copy_vocab(shared_data: Path, style: str, directory: Path) -> Path:
     return Path(directory)
 
 
+@pytest.fixture(scope="session")
+def real_vocab_models(tmp_path_factory, shared_data) -> dict[str, Path]:
+    """A tiny GPT-2 and a tiny RoBERTa masked LM with the real vocabularies and their tokenizer files."""
+    root = tmp_path_factory.mktemp("real-vocab")
+    gpt2 = save_tiny_gpt2(root / "gpt2", vocab_size=50257, n_embd=16, n_head=2)
+    roberta = save_tiny_roberta(root / "roberta", vocab_size=50265, hidden_size=16, num_attention_heads=2)
+    for model_dir, vocab in ((gpt2, "gpt2"), (roberta, "roberta")):
+        copy_vocab(shared_data, vocab, model_dir)
+    return {"gpt2": gpt2, "roberta": roberta}
+
+
 @pytest.fixture
 def tiny_gpt2_dir(tmp_path) -> Path:
     return save_tiny_gpt2(tmp_path / "tiny-gpt2")

@@ -6,22 +6,10 @@ import math
 
 import pytest
 import torch
-from conftest import copy_vocab, save_tiny_gpt2, save_tiny_roberta
 
 from distillery.evaluate import bias
 from distillery.models import load_model
 from distillery.models.common import DistilleryError
-
-
-@pytest.fixture(scope="module")
-def real_vocab_models(tmp_path_factory, shared_data):
-    """Tiny GPT-2 and RoBERTa masked LM with the real vocabularies and their tokenizer files."""
-    root = tmp_path_factory.mktemp("bias")
-    gpt2 = save_tiny_gpt2(root / "gpt2", vocab_size=50257, n_embd=16, n_head=2)
-    roberta = save_tiny_roberta(root / "roberta", vocab_size=50265, hidden_size=16, num_attention_heads=2)
-    for model_dir, vocab in ((gpt2, "gpt2"), (roberta, "roberta")):
-        copy_vocab(shared_data, vocab, model_dir)
-    return {"gpt2": gpt2, "roberta": roberta}
 
 
 def test_wilson_interval_by_hand():

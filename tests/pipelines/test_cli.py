@@ -204,21 +204,14 @@ def test_argparse_usage_error_exits_2(capsys):
     assert "the following arguments are required: MODEL, TEXT" in capsys.readouterr().err
 
 
-def test_generate_with_draft_equals_the_target_alone(capsys, gpt2_dir, tmp_path):
+@pytest.mark.parametrize("draft_flags", [("--draft-k", "3"), ("--draft-dtype", "int8")])
+def test_generate_with_draft_equals_the_target_alone(capsys, gpt2_dir, tmp_path, draft_flags):
     draft = save_tiny_gpt2(tmp_path / "draft", vocab_size=50257, seed=7, n_layer=1)
     argv = ("generate", gpt2_dir, "Hello there", "--max-new-tokens", "10", "--greedy")
     alone = run_json(capsys, *argv)[0]["generated_text"]
-    speculative = run_json(capsys, *argv, "--draft", draft, "--draft-k", "3")
+    speculative = run_json(capsys, *argv, "--draft", draft, *draft_flags)
     assert speculative["generated_text"] == alone
     assert 0.0 <= speculative["acceptance_rate"] <= 1.0 and speculative["target_passes"] >= 1
-
-
-def test_generate_with_an_int8_draft_equals_the_target_alone(capsys, gpt2_dir, tmp_path):
-    draft = save_tiny_gpt2(tmp_path / "draft", vocab_size=50257, seed=7, n_layer=1)
-    argv = ("generate", gpt2_dir, "Hello there", "--max-new-tokens", "10", "--greedy")
-    alone = run_json(capsys, *argv)[0]["generated_text"]
-    speculative = run_json(capsys, *argv, "--draft", draft, "--draft-dtype", "int8")
-    assert speculative["generated_text"] == alone
 
 
 def test_generate_compiled_equals_eager(capsys, gpt2_dir):
