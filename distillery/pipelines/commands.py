@@ -116,6 +116,8 @@ def _speculative(args: argparse.Namespace, generator, options: dict[str, Any]) -
     from distillery.models.checkpoint import load_model
     from distillery.pipelines.text_generation import cut_at_stop
 
+    if args.draft_k < 1:
+        raise DistilleryError(f"--draft-k must be at least 1 (tokens drafted per round), got {args.draft_k}.")
     unsupported = [k for k in ("repetition_penalty", "num_return_sequences") if options.get(k, 1) != 1]
     if unsupported:
         raise DistilleryError(f"--draft does not support {', '.join('--' + k.replace('_', '-') for k in unsupported)}; "

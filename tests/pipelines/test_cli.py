@@ -219,6 +219,12 @@ def test_generate_compiled_equals_eager(capsys, gpt2_dir):
     assert run_json(capsys, *argv, "--compile") == run_json(capsys, *argv)
 
 
+def test_generate_draft_k_must_be_positive(capsys, gpt2_dir):
+    code, out, err = run(capsys, "generate", gpt2_dir, "Hi", "--draft", gpt2_dir, "--draft-k", "0")
+    assert code == 2 and out == ""
+    assert err.strip().count("\n") == 0 and "--draft-k must be at least 1" in err
+
+
 def test_generate_draft_refuses_several_sequences(capsys, gpt2_dir):
     code, out, err = run(capsys, "generate", gpt2_dir, "Hi", "--draft", gpt2_dir, "--do-sample",
                          "--num-return-sequences", "2")
