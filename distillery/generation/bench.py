@@ -142,7 +142,7 @@ def weights_mb(model: nn.Module) -> float:
             total += t.numel() * t.element_size()
     total += sum(int8_linear_bytes(m) for m in model.modules() if isinstance(m, Int8Linear))
     total += sum(m.weight_packed.element_size() * m.in_features * m.out_features  # not parameters either
-                 for m in model.modules() if isinstance(m, InferenceLinear) and m.packed)
+                 for m in model.modules() if isinstance(m, InferenceLinear) and m.layout == "onednn-packed")
     return total / 2**20
 
 
@@ -231,8 +231,8 @@ def bench_model(spec: str, dtype: str, settings: BenchSettings, bandwidth_gbs: f
     layout = "int8" if dtype == "int8" else "linear"
     if dtype != "int8" and settings.inference_layout:
         to_inference_layout(model)
-        packed = any(isinstance(m, InferenceLinear) and m.packed for m in model.modules())
-        layout = "onednn-packed" if packed else "input-major"
+        layouts = {m.layout for m in model.modules() if isinstance(m, InferenceLinear)}
+        layout = "onednn-packed" if "onednn-packed" in layouts else "input-major"
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     row: dict[str, Any] = {

@@ -68,23 +68,34 @@ def int8_linear_bytes(layer: Int8Linear) -> int:
 class InferenceLinear(nn.Module):
     """A frozen float linear layer with its weight stored in the layout fastest for few-row products.
 
-    On a CPU with oneDNN and float32 weights: the weight prepacked once into oneDNN's blocked layout
-    (`torch.ops.mkldnn._reorder_linear_weight`, the kernel torch.compile's CPU freezing uses),
-    multiplied by `torch.ops.mkldnn._linear_pointwise`. Elsewhere (bf16, no oneDNN): the weight
-    transposed to (in, out) for `addmm`, the layout of GPT-2's own Conv1D. y = x W^T + b either way;
-    results differ from `F.linear` by float rounding only (about 1e-6 relative).
+    `layout` is one of:
+    - "onednn-packed": on a CPU with oneDNN, float32 weights of at least `onednn_min_bytes`, the
+      weight prepacked once into oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`,
+      the kernel torch.compile's CPU freezing uses), multiplied by `torch.ops.mkldnn._linear_pointwise`.
+    - "onednn-input-major": the same, but for a layer that mostly sees one row at a time (`one_row`:
+      a vocabulary head, which runs at the last position when decoding and at the masks in
+      fill-mask). The weight is stored (in, out) and handed to oneDNN as it is, which streams it at
+      the memory's speed for one row and is slower than the packed layout for several.
+    - "input-major": elsewhere (smaller weights, bf16, no oneDNN), the weight transposed to
+      (in, out) for `addmm`, the layout of GPT-2's own Conv1D.
+    y = x W^T + b in every layout; results differ from `F.linear` by float rounding only (about
+    1e-6 relative).
     """
 
     inference_only = True  # save_pretrained refuses models holding one
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, onednn_min_bytes: int | None = None, one_row: bool = False) -> None:
         super().__init__()
+        if onednn_min_bytes is None:
+            onednn_min_bytes = ONEDNN_MIN_BYTES
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         weight = linear.weight.detach()
         self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False) if linear.bias is not None else None
-        self.packed = weight.dtype == torch.float32 and weight.device.type == "cpu" and _onednn_available()
-        if self.packed:
+        onednn = (weight.dtype == torch.float32 and weight.device.type == "cpu" and _onednn_available()
+                  and weight.numel() * weight.element_size() >= onednn_min_bytes)
+        self.layout = "input-major" if not onednn else "onednn-input-major" if one_row else "onednn-packed"
+        if self.layout == "onednn-packed":
             # An opaque tensor (its strides mean nothing): a plain attribute, not a parameter, so
             # that nothing (state_dict, .to()) treats it as an ordinary weight.
             self.weight_packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACKING_ROWS)
@@ -95,31 +106,36 @@ class InferenceLinear(nn.Module):
     def weight_bytes(self) -> int:
         """Bytes of weight and bias one call reads."""
         bias = self.bias.numel() * self.bias.element_size() if self.bias is not None else 0
-        weight = self.weight_packed if self.packed else self.weight_t
+        weight = self.weight_packed if self.weight_t is None else self.weight_t
         return self.in_features * self.out_features * weight.element_size() + bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if self.packed and torch.compiler.is_compiling():
-            y = onednn_linear(flat, self.weight_packed, self.bias, self.out_features)
-        elif self.packed:
-            y = torch.ops.mkldnn._linear_pointwise(flat, self.weight_packed, self.bias, "none", [], "")
-        elif self.bias is not None:
-            y = torch.addmm(self.bias, flat, self.weight_t)
+        if self.layout == "input-major":
+            y = torch.addmm(self.bias, flat, self.weight_t) if self.bias is not None else flat @ self.weight_t
         else:
-            y = flat @ self.weight_t
+            # oneDNN reads W as (out, in): the packed tensor, or the (in, out) storage seen transposed.
+            weight = self.weight_packed if self.weight_t is None else self.weight_t.t()
+            if torch.compiler.is_compiling():
+                y = onednn_linear(flat, weight, self.bias, self.out_features)
+            else:
+                y = torch.ops.mkldnn._linear_pointwise(flat, weight, self.bias, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        layout = "onednn-packed" if self.packed else "input-major"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, layout={layout}")
+                f"bias={self.bias is not None}, layout={self.layout}")
 
 
 # The row count oneDNN packs for. Measured on the 2-core AVX2 CPU (distilroberta-base / distilgpt2
 # shapes): 16 made a 9-token fill-mask 10 % faster than 1, left one-row decoding unchanged, and an
 # 8x256 forward pass within noise of the largest hints.
 PACKING_ROWS = 16
+# Below this many weight bytes a oneDNN call costs more than the product: about 30 us of fixed cost
+# against 9-30 us for `addmm` at one row, on the same CPU (256x256 9 vs 29 us, 256x1024 29 vs 40 us;
+# at 3-4 MB oneDNN is ahead, 512x2048 70 vs 88 us). A 6-layer 256-wide GPT-2 decode step went from
+# 2.95 to 2.40 ms, its 3-layer student from 1.53 to 1.20 ms; distilgpt2 shapes are all above it.
+ONEDNN_MIN_BYTES = 2 * 2**20
 
 
 @torch.library.custom_op("distillery::onednn_linear", mutates_args=())
@@ -138,16 +154,19 @@ def _onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def to_inference_layout(model: nn.Module) -> nn.Module:
+def to_inference_layout(model: nn.Module, onednn_min_bytes: int | None = None) -> nn.Module:
     """Replace every float `nn.Linear` by an `InferenceLinear`, in place; eval mode.
 
-    A tied LM head gets its own copy in the new layout (the embedding keeps the original for
+    Weights under `onednn_min_bytes` (default `ONEDNN_MIN_BYTES`; 0 packs every float32 weight)
+    take the (in, out) layout; the model's `vocabulary_head` (if it names one) is laid out for one
+    row. A tied LM head gets its own copy in the new layout (the embedding keeps the original for
     lookups), so an fp32 GPT-2 holds the vocabulary matrix twice. For inference only: the model can
     no longer be saved with `save_pretrained`, trained, or moved to another device or dtype.
     """
     model.eval()
+    head = getattr(model, "vocabulary_head", None)
     for name, linear in _linears(model):
-        _replace(model, name, InferenceLinear(linear))
+        _replace(model, name, InferenceLinear(linear, onednn_min_bytes, one_row=name == head))
     return model
 
 

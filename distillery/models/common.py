@@ -89,6 +89,9 @@ class Pretrained(nn.Module):
 
     family: str  # "gpt2" or "roberta"
     task: str  # "causal-lm", "masked-lm", "base", ...
+    # The linear layer that projects onto the vocabulary, if any. Inference runs it on one row per
+    # sequence (the last position when decoding, the masks in fill-mask), so it gets a layout of its own.
+    vocabulary_head: str | None = None
 
     @property
     def device(self) -> torch.device:

@@ -195,6 +195,7 @@ class GPT2(Pretrained):
 
     family = "gpt2"
     task = "causal-lm"
+    vocabulary_head = "lm_head"
 
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()

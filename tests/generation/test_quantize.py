@@ -117,38 +117,60 @@ def test_int8_off_the_cpu_is_refused():
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_inference_layout_computes_the_same(tiny_gpt2_dir, tiny_roberta_dir, dtype):
+@pytest.mark.parametrize("onednn_min_bytes", [0, None])  # every weight packed; the default (none, this small)
+def test_inference_layout_computes_the_same(tiny_gpt2_dir, tiny_roberta_dir, dtype, onednn_min_bytes):
     ids = torch.randint(3, 99, (2, 9), generator=torch.Generator().manual_seed(0))
     for directory in (tiny_gpt2_dir, tiny_roberta_dir):
         with torch.inference_mode():
             ref = quantize_model(load_model(directory), dtype)(ids).logits.float()
-            model = to_inference_layout(quantize_model(load_model(directory), dtype))
+            model = to_inference_layout(quantize_model(load_model(directory), dtype), onednn_min_bytes)
             assert not any(type(m) is nn.Linear for m in model.modules())
             out = model(ids).logits.float()
         atol = 1e-5 if dtype == "fp32" else 2e-2
         assert torch.allclose(out, ref, atol=atol), float((out - ref).abs().max())
 
 
+LAYOUTS = {"onednn-packed": dict(onednn_min_bytes=0), "onednn-input-major": dict(onednn_min_bytes=0, one_row=True),
+           "input-major": dict(onednn_min_bytes=None)}  # the last: the default threshold, over these small weights
+
+
 @pytest.mark.parametrize("shape", [(1, 48), (9, 48), (2, 40, 48), (300, 48)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_inference_linear_equals_linear(shape, bias):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_inference_linear_equals_linear(shape, bias, layout):
     linear = nn.Linear(48, 80, bias=bias)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    layer = InferenceLinear(linear)
+    layer = InferenceLinear(linear, **LAYOUTS[layout])
+    if torch.backends.mkldnn.is_available():
+        assert layer.layout == layout
     with torch.inference_mode():
         torch.testing.assert_close(layer(x), linear(x), atol=1e-5, rtol=1e-5)
     assert layer.weight_bytes() == 48 * 80 * 4 + 80 * 4 * bias
 
 
-def test_inference_linear_packs_float32_on_the_cpu_and_transposes_bf16():
-    assert InferenceLinear(nn.Linear(8, 4)).packed == torch.backends.mkldnn.is_available()
-    bf16 = InferenceLinear(nn.Linear(8, 4).to(torch.bfloat16))
-    assert not bf16.packed and bf16.weight_t.shape == (8, 4)
+def test_inference_linear_layout_follows_size_dtype_and_role():
+    onednn = torch.backends.mkldnn.is_available()
+    assert (InferenceLinear(nn.Linear(8, 4), onednn_min_bytes=8 * 4 * 4).layout == "onednn-packed") == onednn
+    small = InferenceLinear(nn.Linear(8, 4), onednn_min_bytes=8 * 4 * 4 + 1)
+    assert small.layout == "input-major" and small.weight_t.shape == (8, 4)
+    assert InferenceLinear(nn.Linear(8, 4)).layout == "input-major"  # under the default ONEDNN_MIN_BYTES
+    bf16 = InferenceLinear(nn.Linear(8, 4).to(torch.bfloat16), onednn_min_bytes=0, one_row=True)
+    assert bf16.layout == "input-major" and bf16.weight_t.shape == (8, 4)
 
 
-def test_inference_linear_under_torch_compile():
+def test_vocabulary_heads_get_the_one_row_layout(tiny_gpt2_dir, tiny_roberta_dir):
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("oneDNN layouts need a CPU build with oneDNN")
+    gpt2 = to_inference_layout(load_model(tiny_gpt2_dir), onednn_min_bytes=0)
+    roberta = to_inference_layout(load_model(tiny_roberta_dir), onednn_min_bytes=0)
+    assert gpt2.lm_head.layout == roberta.lm_decoder.layout == "onednn-input-major"
+    assert gpt2.blocks[0].mlp.fc.layout == roberta.roberta.layers[0].fc.layout == "onednn-packed"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_inference_linear_under_torch_compile(layout):
     linear = nn.Linear(16, 24)
-    layer = InferenceLinear(linear)
+    layer = InferenceLinear(linear, **LAYOUTS[layout])
     x = torch.randn(3, 16)
     with torch.inference_mode():
         torch.testing.assert_close(torch.compile(layer, dynamic=True)(x), linear(x), atol=1e-5, rtol=1e-5)
