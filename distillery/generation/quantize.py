@@ -109,6 +109,10 @@ class InferenceLinear(nn.Module):
             self.weight_t = None
         else:
             self.weight_t = nn.Parameter(weight.t().contiguous(), requires_grad=False)
+        # What oneDNN multiplies by, as (out, in): the packed tensor, or the (in, out) storage seen
+        # transposed. oneDNN takes inputs of any rank, so no reshaping on that path.
+        self.onednn_weight = None if self.layout == "input-major" else (
+            self.weight_packed if self.weight_t is None else self.weight_t.t())
 
     def weight_bytes(self) -> int:
         """Bytes of weight and bias one call reads."""
@@ -117,17 +121,15 @@ class InferenceLinear(nn.Module):
         return self.in_features * self.out_features * weight.element_size() + bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        if self.layout == "input-major":
+        if self.onednn_weight is None:
+            flat = x.reshape(-1, self.in_features)
             y = torch.addmm(self.bias, flat, self.weight_t) if self.bias is not None else flat @ self.weight_t
-        else:
-            # oneDNN reads W as (out, in): the packed tensor, or the (in, out) storage seen transposed.
-            weight = self.weight_packed if self.weight_t is None else self.weight_t.t()
-            if torch.compiler.is_compiling():
-                y = onednn_linear(flat, weight, self.bias, self.out_features)
-            else:
-                y = torch.ops.mkldnn._linear_pointwise(flat, weight, self.bias, "none", [], "")
-        return y.view(*x.shape[:-1], self.out_features)
+            return y.view(*x.shape[:-1], self.out_features)
+        if torch.compiler.is_compiling():
+            flat = x.reshape(-1, self.in_features)
+            y = onednn_linear(flat, self.onednn_weight, self.bias, self.out_features)
+            return y.view(*x.shape[:-1], self.out_features)
+        return torch.ops.mkldnn._linear_pointwise(x, self.onednn_weight, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

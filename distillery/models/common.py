@@ -61,9 +61,10 @@ class KVCache:
         start, end = self.length, self.length + k.size(2)
         if end > self.max_length:
             raise ValueError(f"KV cache holds {self.max_length} positions; {end} were asked for.")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        keys, values = self.k[layer], self.v[layer]
+        keys.narrow(2, start, end - start).copy_(k)
+        values.narrow(2, start, end - start).copy_(v)
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
 
 _ACTIVATIONS = {

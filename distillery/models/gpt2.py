@@ -159,8 +159,8 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.resid_dropout(self.proj(y))
+        y = self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.resid_dropout(y) if self.training else y  # a module call less per step when decoding
 
 
 class MLP(nn.Module):
@@ -172,7 +172,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(self.act(self.fc(x))))
+        y = self.proj(self.act(self.fc(x)))
+        return self.dropout(y) if self.training else y
 
 
 class Block(nn.Module):
@@ -255,7 +256,9 @@ class GPT2(Pretrained):
         elif T > 1 and past > 0:
             mask = padded_causal_mask(torch.ones(B, S, dtype=torch.bool, device=input_ids.device), T)
 
-        x = self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, C)
+        x = self.wte(input_ids) + self.wpe(position_ids)  # (B, T, C)
+        if self.training:
+            x = self.drop(x)
         hidden_states = [x] if output_hidden_states else None
         for i, block in enumerate(self.blocks):
             x = block(x, mask, cache, i)

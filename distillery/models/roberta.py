@@ -157,7 +157,8 @@ class Embeddings(nn.Module):
             x = x + self.token_type.weight[0]
         else:
             x = x + self.token_type(token_type_ids)
-        return self.dropout(self.ln(x))
+        x = self.ln(x)
+        return self.dropout(x) if self.training else x
 
 
 class SelfAttention(nn.Module):
@@ -196,8 +197,10 @@ class Layer(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x, mask):
-        x = self.attn_ln(x + self.dropout(self.attn(x, mask)))
-        return self.mlp_ln(x + self.dropout(self.proj(self.act(self.fc(x)))))
+        y = self.attn(x, mask)
+        x = self.attn_ln(x + (self.dropout(y) if self.training else y))  # no dropout call when evaluating
+        y = self.proj(self.act(self.fc(x)))
+        return self.mlp_ln(x + (self.dropout(y) if self.training else y))
 
 
 class RobertaModel(Pretrained):
