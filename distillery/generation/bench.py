@@ -45,11 +45,23 @@ class BenchSettings:
     threads: int | None = None  # torch.set_num_threads; None keeps torch's default
     inference_layout: bool = True  # float weights prepacked / transposed for decoding (see quantize.py)
     bandwidth_megabytes: int = 256  # size of the tensor read to measure bandwidth (>> CPU caches)
+    device: str = "cpu"  # "cuda" (or "cuda:N") runs everything on that GPU
 
     def __post_init__(self) -> None:
         for d in self.dtypes:
             if d not in QUANTIZE_DTYPES:
                 raise DistilleryError(f"--dtype {d!r} is not supported; choose from {', '.join(QUANTIZE_DTYPES)}.")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as e:
+            raise DistilleryError(f"--device {self.device!r} is not a device torch knows; use cpu or cuda.") from e
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise DistilleryError(f"--device {self.device}: torch {torch.__version__} sees no CUDA GPU here; "
+                                  "run on a machine with one, or leave --device out to bench the CPU.")
+        if device.type not in ("cpu", "cuda"):
+            raise DistilleryError(f"--device {self.device!r}: the bench runs on cpu or cuda.")
+        if device.type != "cpu" and "int8" in self.dtypes:
+            raise DistilleryError("--dtype int8 runs on the CPU only (FBGEMM kernels); bench a GPU with fp32 or bf16.")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise DistilleryError("--batch needs positive batch sizes, e.g. --batch 1,8.")
         if self.new_tokens < 2:
@@ -62,21 +74,28 @@ class BenchSettings:
 # Machine
 
 
-def measure_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
-    """Memory read bandwidth in GB/s: summing a tensor far larger than the CPU caches."""
-    x = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
-    seconds = best_time(lambda: x.sum(), repeats)
+def measure_bandwidth(megabytes: int = 256, repeats: int = 5, device: str = "cpu") -> float:
+    """Memory read bandwidth in GB/s: summing a tensor far larger than the caches (CPU or GPU)."""
+    x = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
+    seconds = best_time(lambda: x.sum(), repeats, device=device)
     return x.numel() * 4 / seconds / 1e9
 
 
-def best_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-    """The fastest of `repeats` calls of `fn`, in seconds (after `warmup` untimed calls)."""
+def best_time(fn: Callable[[], Any], repeats: int, warmup: int = 1, device: str | torch.device = "cpu") -> float:
+    """The fastest of `repeats` calls of `fn`, in seconds (after `warmup` untimed calls). On a GPU
+    each call is timed from an idle device until its work has finished."""
+    def sync() -> None:
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+
     for _ in range(warmup):
         fn()
     best = float("inf")
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -188,8 +207,8 @@ def hf_generate(hf: nn.Module) -> Callable[[torch.Tensor, int], torch.Tensor]:
 def time_decoding(generate: Callable[[torch.Tensor, int], Any], input_ids: torch.Tensor, new_tokens: int,
                   repeats: int) -> dict[str, float]:
     """Time to first token, and decode tokens/s from the difference between N and 1 new tokens."""
-    first = best_time(lambda: generate(input_ids, 1), repeats)
-    full = best_time(lambda: generate(input_ids, new_tokens), repeats)
+    first = best_time(lambda: generate(input_ids, 1), repeats, device=input_ids.device)
+    full = best_time(lambda: generate(input_ids, new_tokens), repeats, device=input_ids.device)
     per_step = max(full - first, 1e-9) / (new_tokens - 1)
     return {"ttft_ms": first * 1e3, "ms_per_step": per_step * 1e3,
             "tokens_per_s": input_ids.size(0) / per_step}
@@ -198,7 +217,7 @@ def time_decoding(generate: Callable[[torch.Tensor, int], Any], input_ids: torch
 def time_forward(model: nn.Module, input_ids: torch.Tensor, repeats: int) -> float:
     """Milliseconds for one full forward pass (logits at every position)."""
     with torch.inference_mode():
-        return best_time(lambda: model(input_ids), repeats) * 1e3
+        return best_time(lambda: model(input_ids), repeats, device=input_ids.device) * 1e3
 
 
 def time_fill_mask(model: nn.Module, input_ids: torch.Tensor, mask_pos: torch.Tensor, ours: bool,
@@ -212,7 +231,7 @@ def time_fill_mask(model: nn.Module, input_ids: torch.Tensor, mask_pos: torch.Te
         return logits.softmax(-1).topk(5)
 
     with torch.inference_mode():
-        return best_time(call, max(repeats, 5)) * 1e3
+        return best_time(call, max(repeats, 5), device=input_ids.device) * 1e3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,14 +241,17 @@ def time_fill_mask(model: nn.Module, input_ids: torch.Tensor, mask_pos: torch.Te
 def bench_model(spec: str, dtype: str, settings: BenchSettings, bandwidth_gbs: float,
                 progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """All figures for one model in one dtype (see `run_bench`)."""
+    device = torch.device(settings.device)
     model = load_bench_model(spec)
     parameters = model.num_parameters()  # before quantising, which turns weights into buffers
     reference = None
     if settings.reference and _transformers_available():
-        reference = hf_copy(model, dtype)
-    model = quantize_model(model, dtype)
+        reference = hf_copy(model, dtype).to(device)
+    model = quantize_model(model, dtype).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     layout = "int8" if dtype == "int8" else "linear"
-    if dtype != "int8" and settings.inference_layout:
+    if dtype != "int8" and settings.inference_layout and device.type == "cpu":
         to_inference_layout(model)
         layouts = {m.layout for m in model.modules() if isinstance(m, InferenceLinear)}
         layout = "onednn-packed" if "onednn-packed" in layouts else "input-major"
@@ -241,7 +263,7 @@ def bench_model(spec: str, dtype: str, settings: BenchSettings, bandwidth_gbs: f
         "bytes_per_token_mb": round(bytes_read_per_token(model) / 2**20, 1),
     }
     B, T = settings.forward_shape
-    ids = torch.randint(3, vocab, (B, T), generator=gen)
+    ids = torch.randint(3, vocab, (B, T), generator=gen).to(device)
     progress(f"{spec} {dtype}: forward {B}x{T}")
     row["forward_ms"] = time_forward(model, ids, settings.repeats)
     if reference is not None:
@@ -252,7 +274,7 @@ def bench_model(spec: str, dtype: str, settings: BenchSettings, bandwidth_gbs: f
         row["decode"] = {}
         for batch in settings.batch_sizes:
             progress(f"{spec} {dtype}: decode batch {batch}")
-            prompt = torch.randint(0, vocab, (batch, settings.prompt_tokens), generator=gen)
+            prompt = torch.randint(0, vocab, (batch, settings.prompt_tokens), generator=gen).to(device)
             result = time_decoding(engine_generate(model), prompt, settings.new_tokens, settings.repeats)
             if batch == 1:
                 limit = bandwidth_gbs * 1e9 / bytes_read_per_token(model)
@@ -271,11 +293,14 @@ def bench_model(spec: str, dtype: str, settings: BenchSettings, bandwidth_gbs: f
         ids[0, 0], ids[0, -1] = model.config.bos_token_id, model.config.eos_token_id
         mask_pos = torch.zeros_like(ids, dtype=torch.bool)
         mask_pos[0, settings.prompt_tokens // 2] = True
+        ids, mask_pos = ids.to(device), mask_pos.to(device)
         row["fill_mask_ms"] = time_fill_mask(model, ids, mask_pos, True, settings.repeats)
         if reference is not None:
             row["reference_fill_mask_ms"] = time_fill_mask(reference, ids, mask_pos, False, settings.repeats)
             row["fill_mask_speedup"] = row["reference_fill_mask_ms"] / row["fill_mask_ms"]
     row["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    if device.type == "cuda":
+        row["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     del model, reference
     gc.collect()
     return row
@@ -296,15 +321,16 @@ def run_bench(specs: list[str], settings: BenchSettings,
         torch.set_num_threads(settings.threads)
     try:
         progress("memory bandwidth")
-        bandwidth = measure_bandwidth(settings.bandwidth_megabytes)
+        bandwidth = measure_bandwidth(settings.bandwidth_megabytes, device=settings.device)
         rows = [bench_model(spec, dtype, settings, bandwidth, progress)
                 for spec in specs for dtype in settings.dtypes]
     finally:
         torch.set_num_threads(previous_threads)
     return {
         "machine": {"bandwidth_gb_per_s": bandwidth, "threads": settings.threads or previous_threads,
-                    "torch": torch.__version__, "cpu_count": _cpu_count()},
-        "settings": {"dtypes": list(settings.dtypes), "batch_sizes": list(settings.batch_sizes),
+                    "torch": torch.__version__, "cpu_count": _cpu_count(), "device": _device_name(settings.device)},
+        "settings": {"device": settings.device, "dtypes": list(settings.dtypes),
+                     "batch_sizes": list(settings.batch_sizes),
                      "prompt_tokens": settings.prompt_tokens, "new_tokens": settings.new_tokens,
                      "forward_shape": list(settings.forward_shape), "repeats": settings.repeats,
                      "inference_layout": settings.inference_layout},
@@ -339,7 +365,8 @@ def student_vs_teacher(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def format_report(report: dict[str, Any]) -> str:
     """The bench as a few human-readable lines."""
     m = report["machine"]
-    lines = [f"memory bandwidth {m['bandwidth_gb_per_s']:.1f} GB/s, {m['threads']} threads, torch {m['torch']}"]
+    where = f"{m['threads']} threads" if m.get("device", "cpu") == "cpu" else m["device"]
+    lines = [f"memory bandwidth {m['bandwidth_gb_per_s']:.1f} GB/s, {where}, torch {m['torch']}"]
     for r in report["results"]:
         head = f"{r['model']} [{r['dtype']}] {r['parameters'] / 1e6:.1f}M params, {r['weights_mb']:.0f} MB"
         lines.append(head)
@@ -359,7 +386,10 @@ def format_report(report: dict[str, Any]) -> str:
             if "reference_fill_mask_ms" in r:
                 line += f" (transformers {r['reference_fill_mask_ms']:.1f} ms, {r['fill_mask_speedup']:.2f}x)"
             lines.append(line)
-        lines.append(f"  peak RSS so far {r['peak_rss_mb']:.0f} MB")
+        memory = f"  peak RSS so far {r['peak_rss_mb']:.0f} MB"
+        if "peak_gpu_mb" in r:
+            memory += f", GPU memory {r['peak_gpu_mb']:.0f} MB"
+        lines.append(memory)
     for s in report["student_vs_teacher"]:
         line = f"{s['student']} vs {s['teacher']} [{s['dtype']}]: forward {s['forward_speedup']:.2f}x"
         if "decode_speedup" in s:
@@ -376,6 +406,12 @@ def _transformers_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
 
 
 def _cpu_count() -> int:

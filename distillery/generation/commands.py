@@ -24,6 +24,8 @@ def register(subparsers) -> None:
     p.add_argument("--forward-shape", default="8x256", help="BATCHxTOKENS of the full-forward timing (default 8x256)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the fastest counts (default 3)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: bench that GPU, its memory bandwidth "
+                   "included (fp32 and bf16; int8 is CPU only)")
     p.add_argument("--linear-layout", action="store_true",
                    help="keep nn.Linear's (out, in) float weights instead of the faster (in, out) decode layout")
     p.add_argument("--no-reference", action="store_true", help="do not time transformers on the same weights")
@@ -49,6 +51,7 @@ def bench_command(args: argparse.Namespace) -> int:
         reference=not args.no_reference,
         threads=args.threads,
         inference_layout=not args.linear_layout,
+        device=args.device,
     )
     with tqdm(desc="bench", unit=" stage") as bar:
         def progress(stage: str) -> None:

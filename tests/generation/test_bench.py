@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from distillery.cli import main
 from distillery.generation.bench import (
@@ -24,7 +25,9 @@ TINY = dict(batch_sizes=(1, 2), prompt_tokens=4, new_tokens=3, forward_shape=(1,
 def test_report_structure(tiny_gpt2_dir, tiny_roberta_dir):
     report = run_bench([str(tiny_gpt2_dir), str(tiny_roberta_dir)], BenchSettings(dtypes=("int8",), **TINY))
     assert report["machine"]["bandwidth_gb_per_s"] > 0
+    assert report["machine"]["device"] == report["settings"]["device"] == "cpu"
     gpt2, roberta = report["results"]
+    assert "peak_gpu_mb" not in gpt2
     assert (gpt2["dtype"], gpt2["layout"], roberta["family"]) == ("int8", "int8", "roberta")
     assert set(gpt2["decode"]) == {"1", "2"}
     one = gpt2["decode"]["1"]
@@ -97,8 +100,16 @@ def test_cli_json(tiny_gpt2_dir, capsys):
     (["--batch", "0"], "--batch"),
     (["--new-tokens", "1"], "--new-tokens"),
     (["--forward-shape", "8by256"], "--forward-shape"),
+    (["--device", "tpu"], "--device 'tpu' is not a device torch knows"),
+    (["--device", "meta"], "the bench runs on cpu or cuda"),
 ])
 def test_cli_bad_settings(tiny_gpt2_dir, capsys, flags, message):
     assert main(["bench", str(tiny_gpt2_dir), *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("distillery bench: error:") and message in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cli_cuda_without_a_gpu(tiny_gpt2_dir, capsys):
+    assert main(["bench", str(tiny_gpt2_dir), "--device", "cuda"]) == 2
+    assert "sees no CUDA GPU here" in capsys.readouterr().err
