@@ -111,27 +111,28 @@ def peak_rss_mb() -> float:
 
 def load_bench_model(spec: str, task: str | None = None) -> Pretrained:
     """A model folder or hub id, or `preset:NAME` (a preset shape with random weights)."""
-    from distillery.models import (
-        GPT2_PRESETS,
-        ROBERTA_PRESETS,
-        GPT2Config,
-        RobertaConfig,
-        build_model,
-        load_model,
-    )
+    from distillery.models import GPT2_PRESETS, GPT2Config, RobertaConfig, build_model, load_model
 
     if not spec.startswith(PRESET_PREFIX):
         return load_model(spec, task=task).eval()
+    check_preset(spec)
     name = spec[len(PRESET_PREFIX):]
     torch.manual_seed(0)
     if name in GPT2_PRESETS:
         return build_model(GPT2Config.from_preset(name), "causal-lm").eval()
-    if name in ROBERTA_PRESETS:
-        return build_model(RobertaConfig.from_preset(name), task or "masked-lm").eval()
-    raise DistilleryError(
-        f"Unknown preset {name!r}; choose one of {sorted(GPT2_PRESETS) + sorted(ROBERTA_PRESETS)} "
-        f"(as {PRESET_PREFIX}NAME)."
-    )
+    return build_model(RobertaConfig.from_preset(name), task or "masked-lm").eval()
+
+
+def check_preset(spec: str) -> None:
+    """Refuse `preset:NAME` for a NAME that is no preset, naming the choices; other specs pass."""
+    from distillery.models import GPT2_PRESETS, ROBERTA_PRESETS
+
+    name = spec[len(PRESET_PREFIX):]
+    if spec.startswith(PRESET_PREFIX) and name not in GPT2_PRESETS and name not in ROBERTA_PRESETS:
+        raise DistilleryError(
+            f"Unknown preset {name!r}; choose one of {sorted(GPT2_PRESETS) + sorted(ROBERTA_PRESETS)} "
+            f"(as {PRESET_PREFIX}NAME)."
+        )
 
 
 def bytes_read_per_token(model: nn.Module) -> int:
@@ -316,6 +317,8 @@ def run_bench(specs: list[str], settings: BenchSettings,
     """
     if not specs:
         raise DistilleryError("Name at least one model to bench (a folder, hub id or preset:NAME).")
+    for spec in specs:
+        check_preset(spec)  # before minutes of measuring
     previous_threads = torch.get_num_threads()
     if settings.threads:
         torch.set_num_threads(settings.threads)

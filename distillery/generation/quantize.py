@@ -238,13 +238,3 @@ def quantize_model(model: nn.Module, dtype: str) -> nn.Module:
             model, {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, inplace=True
         )
     return model
-
-
-def load_quantized_model(name_or_path: str, dtype: str = "fp32", task: str | None = None,
-                         device: str = "cpu") -> nn.Module:
-    """`load_model` in fp32, then `quantize_model(model, dtype)`: the one call pipelines need."""
-    from distillery.models import load_model
-
-    if dtype not in QUANTIZE_DTYPES:
-        raise DistilleryError(f"dtype {dtype!r} is not supported; choose one of {', '.join(QUANTIZE_DTYPES)}.")
-    return quantize_model(load_model(name_or_path, task=task, device=device), dtype)

@@ -10,7 +10,6 @@ from distillery.generation.quantize import (
     InferenceLinear,
     Int8Linear,
     int8_linear_bytes,
-    load_quantized_model,
     quantize_model,
     to_inference_layout,
 )
@@ -94,16 +93,9 @@ def test_bf16_casts_everything(tiny_gpt2_dir):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
-def test_load_quantized_model(tiny_gpt2_dir):
-    model = load_quantized_model(str(tiny_gpt2_dir), "int8")
-    assert isinstance(model.blocks[0].mlp.fc, Int8Linear)
-
-
 def test_unknown_dtype_names_the_choices(tiny_gpt2_dir):
     with pytest.raises(DistilleryError, match="fp32, bf16, int8"):
         quantize_model(load_model(tiny_gpt2_dir), "int4")
-    with pytest.raises(DistilleryError, match="fp32, bf16, int8"):
-        load_quantized_model(str(tiny_gpt2_dir), "fp8")
 
 
 def test_int8_without_linear_layers_is_refused():
