@@ -6,6 +6,13 @@
 Checks that the output is the teacher's own greedy output and prints tokens/s of both and the
 acceptance rate. TEACHER and STUDENT may be folders, hub ids or preset:NAME (random weights: the
 timing is real, the acceptance rate is not).
+
+It also times the three passes a round is made of (a teacher step, the teacher's pass over k + 1
+tokens, a draft step) and prints what they allow: with acceptance a, a round yields
+(1 - a^(k+1)) / (1 - a) tokens for k draft steps and one verify pass, so the speed-up over the
+teacher alone is that many teacher steps divided by the round's cost; and the acceptance that
+1.5x would take. With presets this is the figure for real shapes, whose acceptance only trained
+weights can give.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import time
 
 import torch
 
-from distillery.generation.bench import load_bench_model
+from distillery.generation.bench import best_time, load_bench_model
 from distillery.generation.config import GenerationConfig
 from distillery.generation.engine import generate
 from distillery.generation.quantize import quantize_model, to_inference_layout
@@ -40,6 +47,36 @@ def inference_model(name: str, dtype: str) -> torch.nn.Module:
     """As the pipelines decode: int8 quantised, or float weights in the inference layout."""
     model = quantize_model(load_bench_model(name), dtype)
     return model if dtype == "int8" else to_inference_layout(model)
+
+
+def pass_ms(model: torch.nn.Module, prompt: torch.Tensor, tokens: int, repeats: int = 20) -> float:
+    """Milliseconds of one forward over `tokens` new tokens after `prompt`, from its KV cache."""
+    new = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        cache = model.new_cache(1, prompt.size(1) + tokens)
+        model(prompt, cache=cache)
+
+        def one_pass() -> None:
+            cache.length = prompt.size(1)
+            model(new, cache=cache, logits_to_keep=1 if tokens == 1 else 0)
+        return best_time(one_pass, repeats) * 1e3
+
+
+def modelled_speedup(acceptance: float, k: int, step_ms: float, verify_ms: float, draft_ms: float) -> float:
+    """Teacher steps a round replaces over what the round costs, at a given acceptance rate."""
+    tokens = k + 1 if acceptance >= 1 else (1 - acceptance ** (k + 1)) / (1 - acceptance)
+    return tokens * step_ms / (k * draft_ms + verify_ms)
+
+
+def acceptance_needed(target: float, k: int, step_ms: float, verify_ms: float, draft_ms: float) -> float | None:
+    """The lowest acceptance rate giving `target`x (bisection; the speed-up grows with it), or None."""
+    if modelled_speedup(1.0, k, step_ms, verify_ms, draft_ms) < target:
+        return None
+    low, high = 0.0, 1.0
+    for _ in range(40):
+        mid = (low + high) / 2
+        low, high = (mid, high) if modelled_speedup(mid, k, step_ms, verify_ms, draft_ms) < target else (low, mid)
+    return high
 
 
 def main() -> None:
@@ -72,6 +109,15 @@ def main() -> None:
     print(f"speculative (k={args.k}): {args.new_tokens / spec_s:.1f} tok/s, {alone_s / spec_s:.2f}x, "
           f"acceptance {stats['acceptance_rate']:.2f}, {stats['target_passes']} teacher passes")
     print(f"output identical to the teacher's greedy output: {same}")
+
+    step, verify, draft = pass_ms(teacher, ids, 1), pass_ms(teacher, ids, args.k + 1), pass_ms(student, ids, 1)
+    rate = stats["acceptance_rate"]
+    needed = acceptance_needed(1.5, args.k, step, verify, draft)
+    print(f"passes: teacher step {step:.2f} ms, teacher over {args.k + 1} tokens {verify:.2f} ms, "
+          f"draft step {draft:.2f} ms ({draft / step:.2f} of a teacher step)")
+    print(f"modelled from them: {modelled_speedup(rate, args.k, step, verify, draft):.2f}x at acceptance "
+          f"{rate:.2f}; 1.5x " + (f"needs acceptance {needed:.2f}" if needed is not None
+                                  else "is out of reach even if every drafted token were kept"))
 
 
 if __name__ == "__main__":
