@@ -445,6 +445,19 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                               "start the run afresh without --resume.") from e
 
 
+def check_same_layout(saved: dict[str, torch.Tensor], model: nn.Module, path: Path) -> None:
+    """Refuse to resume from weights named otherwise than `model`'s (another model, or a checkpoint
+    of an older distillery: RoBERTa kept query, key and value apart before session 3)."""
+    ours = set(model.state_dict())
+    missing, unexpected = sorted(ours - set(saved)), sorted(set(saved) - ours)
+    if missing or unexpected:
+        raise DistilleryError(
+            f"{path} holds weights laid out for another model or distillery version (it lacks "
+            f"{missing[:2]}, has {unexpected[:2]}); it cannot be resumed: start a new run with another --out, "
+            "from the run's saved model folder if it has one."
+        )
+
+
 def check_resumable(checkpoint: dict[str, Any], config: RunConfig, tokenizer_fingerprint: str, path: Path) -> None:
     differences = config_differences(checkpoint["config"], config)
     if differences:
@@ -582,6 +595,7 @@ def _run(config: RunConfig, procs: Processes, out: Path, resume: bool, progress:
     if resume:
         checkpoint = load_checkpoint(checkpoint_path)
         check_resumable(checkpoint, config, tokenizer.fingerprint(), checkpoint_path)
+        check_same_layout(checkpoint["model"], student, checkpoint_path)
         student.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])

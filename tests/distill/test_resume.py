@@ -16,7 +16,7 @@ from tiny_run import make_data, make_gpt2, make_student
 from distillery.distill import trainer
 from distillery.distill.data import TokenDataset
 from distillery.distill.run_config import RunConfig
-from distillery.distill.trainer import check_resumable, load_checkpoint, run
+from distillery.distill.trainer import check_resumable, check_same_layout, load_checkpoint, run
 from distillery.models.common import DistilleryError
 
 # Six steps, a checkpoint every two; the models keep dropout on, so the restored random states matter.
@@ -134,6 +134,17 @@ def test_resume_refuses_other_settings_and_another_tokenizer(setup):
     # Settings that do not change what is trained may differ: a longer run, other logging.
     check_resumable(checkpoint, setup["config"].replace(max_steps=10, log_every=5), checkpoint["tokenizer"],
                     checkpoint_path)
+
+
+def test_resume_refuses_weights_laid_out_otherwise(setup):
+    """As in a RoBERTa checkpoint from before query, key and value became one layer."""
+    checkpoint_path = setup["uninterrupted"] / "checkpoint.pt"
+    weights = load_checkpoint(checkpoint_path)["model"]
+    model = torch.nn.Module()
+    model.register_buffer("qkv", torch.zeros(1))
+    with pytest.raises(DistilleryError, match=r"laid out for another model or distillery version .* lacks "
+                                              r"\['qkv'\], has \['blocks\.0\.attn\.proj\.bias'"):
+        check_same_layout(weights, model, checkpoint_path)
 
 
 def test_resume_needs_a_checkpoint_and_a_new_run_needs_an_empty_folder(setup, tmp_path):
