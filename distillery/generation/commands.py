@@ -7,7 +7,7 @@ import argparse
 from tqdm import tqdm
 
 from distillery.cli import add_command, print_json
-from distillery.generation.bench import BenchSettings, format_report, run_bench
+from distillery.generation.bench import BenchSettings, check_preset, format_report, run_bench
 from distillery.generation.quantize import QUANTIZE_DTYPES
 from distillery.models.common import DistilleryError
 
@@ -53,6 +53,8 @@ def bench_command(args: argparse.Namespace) -> int:
         inference_layout=not args.linear_layout,
         device=args.device,
     )
+    for spec in args.models:
+        check_preset(spec)  # before the progress bar starts
     with tqdm(desc="bench", unit=" stage") as bar:
         def progress(stage: str) -> None:
             bar.set_postfix_str(stage)
