@@ -161,7 +161,7 @@ def weights_mb(model: nn.Module) -> float:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     total += sum(int8_linear_bytes(m) for m in model.modules() if isinstance(m, Int8Linear))
-    total += sum(m.weight_packed.element_size() * m.in_features * m.out_features  # not parameters either
+    total += sum(m.onednn_weight.element_size() * m.in_features * m.out_features  # not parameters either
                  for m in model.modules() if isinstance(m, InferenceLinear) and m.layout == "onednn-packed")
     return total / 2**20
 

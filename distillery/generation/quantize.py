@@ -102,22 +102,22 @@ class InferenceLinear(nn.Module):
         onednn = (weight.dtype == torch.float32 and weight.device.type == "cpu" and _onednn_available()
                   and weight.numel() * weight.element_size() >= onednn_min_bytes)
         self.layout = "input-major" if not onednn else "onednn-input-major" if one_row else "onednn-packed"
+        # `weight_t`: the (in, out) storage, a parameter; None when packed. `onednn_weight`: what
+        # oneDNN multiplies by, as (out, in): the packed tensor, opaque (its strides mean nothing)
+        # and so a plain attribute that nothing (state_dict, .to()) treats as a weight, or
+        # `weight_t` seen transposed; None for `addmm`.
+        self.weight_t, self.onednn_weight = None, None
         if self.layout == "onednn-packed":
-            # An opaque tensor (its strides mean nothing): a plain attribute, not a parameter, so
-            # that nothing (state_dict, .to()) treats it as an ordinary weight.
-            self.weight_packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACKING_ROWS)
-            self.weight_t = None
+            self.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACKING_ROWS)
         else:
             self.weight_t = nn.Parameter(weight.t().contiguous(), requires_grad=False)
-        # What oneDNN multiplies by, as (out, in): the packed tensor, or the (in, out) storage seen
-        # transposed.
-        self.onednn_weight = None if self.layout == "input-major" else (
-            self.weight_packed if self.weight_t is None else self.weight_t.t())
+            if self.layout == "onednn-input-major":
+                self.onednn_weight = self.weight_t.t()
 
     def weight_bytes(self) -> int:
         """Bytes of weight and bias one call reads."""
         bias = self.bias.numel() * self.bias.element_size() if self.bias is not None else 0
-        weight = self.weight_packed if self.weight_t is None else self.weight_t
+        weight = self.onednn_weight if self.weight_t is None else self.weight_t
         return self.in_features * self.out_features * weight.element_size() + bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
