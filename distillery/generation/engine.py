@@ -17,6 +17,7 @@ length limit is reached.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -50,9 +51,7 @@ def decode_step(
     return out.logits[:, -1].float()
 
 
-_compiled_decode_step: Callable | None = None
-
-
+@functools.cache
 def compiled_decode_step() -> Callable:
     """`decode_step` through `torch.compile` (dynamic shapes: the cache grows every step), made once.
 
@@ -61,10 +60,7 @@ def compiled_decode_step() -> Callable:
     nine tenths of the step and compilation only fuses the small operations between them. It is
     there for devices where per-operation launch cost matters.
     """
-    global _compiled_decode_step
-    if _compiled_decode_step is None:
-        _compiled_decode_step = torch.compile(decode_step, dynamic=True)
-    return _compiled_decode_step
+    return torch.compile(decode_step, dynamic=True)
 
 
 @torch.inference_mode()
