@@ -257,12 +257,15 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 def load_hf_state_dict(model: Pretrained, their_state: dict[str, torch.Tensor], source: Path | str) -> None:
     """Copy a Hugging Face-layout state dict into `model`, naming every key that does not fit."""
     family, task = model.family, model.task
-    origin: dict[str, str] = {}  # our name -> theirs, for the error messages
     for key, tensor in their_state.items():
         if not isinstance(tensor, torch.Tensor):
             raise CheckpointError(f"{source}: entry {key!r} is not a tensor.")
-        origin.update((name, key) for name in to_ours(family, task, {key: tensor}))
     ours = to_ours(family, task, their_state)  # whole: RoBERTa stacks query, key and value
+
+    def their_name(name: str) -> str:
+        """The checkpoint's key behind one of ours, for error messages (ours for a stacked tensor)."""
+        return next((key for key, t in their_state.items() if name in to_ours(family, task, {key: t})), name)
+
     expected = model.state_dict()
     # Tied weights appear once in the checkpoint.
     tied = {"lm_head.weight", "lm_decoder.weight"}
@@ -280,7 +283,7 @@ def load_hf_state_dict(model: Pretrained, their_state: dict[str, torch.Tensor], 
             f"{', '.join(missing[:3])}; is it a complete {family} checkpoint?"
         )
     if unexpected:
-        names = ", ".join(origin.get(k, k) for k in unexpected[:3])
+        names = ", ".join(their_name(k) for k in unexpected[:3])
         raise CheckpointError(
             f"{source}: the checkpoint has {len(unexpected)} tensor(s) a {family} {task} model does not use, "
             f"e.g. {names}; does config.json match the weights?"
@@ -288,7 +291,7 @@ def load_hf_state_dict(model: Pretrained, their_state: dict[str, torch.Tensor], 
     for name, tensor in ours.items():
         if name in expected and tensor.shape != expected[name].shape:
             raise CheckpointError(
-                f"{source}: tensor {origin.get(name, name)} has shape {tuple(tensor.shape)} but config.json implies "
+                f"{source}: tensor {their_name(name)} has shape {tuple(tensor.shape)} but config.json implies "
                 f"{tuple(expected[name].shape)}; the weights and config.json do not match."
             )
     model.load_state_dict({k: v for k, v in ours.items() if k in expected}, strict=False)
