@@ -25,7 +25,7 @@ import torch
 from distillery.generation.bench import best_time, load_bench_model
 from distillery.generation.config import GenerationConfig
 from distillery.generation.engine import generate
-from distillery.generation.quantize import quantize_model, to_inference_layout
+from distillery.generation.quantize import prepare_for_inference, quantize_model
 from distillery.generation.speculative import speculative_generate
 
 PROMPT = "The history of the city begins in the early Middle Ages, when"
@@ -44,9 +44,11 @@ def prompt_ids(model_name: str, vocab_size: int) -> torch.Tensor:
 
 
 def inference_model(name: str, dtype: str) -> torch.nn.Module:
-    """As the pipelines decode: int8 quantised, or float weights in the inference layout."""
-    model = quantize_model(load_bench_model(name), dtype)
-    return model if dtype == "int8" else to_inference_layout(model)
+    """As the pipelines decode: `prepare_for_inference` of the model loaded in `dtype`."""
+    model = load_bench_model(name)
+    if dtype == "bf16":
+        model = quantize_model(model, dtype)
+    return prepare_for_inference(model, int8=dtype == "int8")
 
 
 def pass_ms(model: torch.nn.Module, prompt: torch.Tensor, tokens: int, repeats: int = 20) -> float:
