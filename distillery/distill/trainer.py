@@ -447,7 +447,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def check_same_layout(saved: dict[str, torch.Tensor], model: nn.Module, path: Path) -> None:
     """Refuse to resume from weights named otherwise than `model`'s (another model, or a checkpoint
-    of an older distillery: RoBERTa kept query, key and value apart before session 3)."""
+    of an older distillery, whose RoBERTa kept query, key and value as three layers)."""
     ours = set(model.state_dict())
     missing, unexpected = sorted(ours - set(saved)), sorted(set(saved) - ours)
     if missing or unexpected:

@@ -43,7 +43,7 @@ prepacked once 27 GB/s; for 8 rows 8 vs 13 GB/s. A 256 MB oneDNN product reached
 summing a tensor read 39-41 GB/s. A distilgpt2 decode step went from 16.7 ms (input-major) to
 13.2 ms (prepacked), and a 9-token fill-mask from about 22 ms to 19-20 ms; an 8x256 forward pass
 is within noise either way. `to_inference_layout` makes that change for inference, with two
-exceptions found later (session 3):
+exceptions found later:
 - A vocabulary head (50265 x 768) multiplied for one row by oneDNN from its plain (in, out)
   storage read 40 GB/s, as fast as the summed read, against 31 GB/s prepacked (3.4-3.9 ms vs
   4.9-5.4 ms; 2 rows 7.8 vs 5.6 ms, 8 rows 10.6 vs 7.8 ms, 2048 rows equal). The head sees one row
