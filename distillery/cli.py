@@ -12,6 +12,7 @@ import argparse
 import importlib
 import inspect
 import json
+import os
 import sys
 from typing import Any
 
@@ -65,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`distillery ... | head`): stop quietly, as Unix tools do. Output
+        # still buffered would fail again at exit, so stdout goes to /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
 
 
 def _version() -> str:

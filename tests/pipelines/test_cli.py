@@ -236,3 +236,29 @@ def test_generate_int8_weights(capsys, gpt2_dir):
     full = run_json(capsys, "generate", gpt2_dir, "Hello", "--max-new-tokens", "5", "--greedy")
     int8 = run_json(capsys, "generate", gpt2_dir, "Hello", "--max-new-tokens", "5", "--greedy", "--dtype", "int8")
     assert int8[0]["generated_text"].startswith("Hello") and len(int8) == len(full) == 1
+
+
+# A command whose output outlives its reader, as in `distillery ... | head`.
+LONG_OUTPUT_COMMAND = """
+import sys
+from distillery import cli
+
+class Args:
+    command = "long"
+    @staticmethod
+    def func(args):
+        for _ in range(100_000):
+            print("x" * 100)
+
+cli.build_parser = lambda: type("Parser", (), {"parse_args": lambda self, argv: Args})()
+sys.exit(cli.main([]))
+"""
+
+
+def test_a_closed_pipe_ends_the_command_quietly():
+    proc = subprocess.Popen([sys.executable, "-c", LONG_OUTPUT_COMMAND], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.read(10)
+    proc.stdout.close()  # the reader goes away mid-output
+    assert proc.wait(timeout=60) == 141
+    assert proc.stderr.read() == b""
