@@ -20,6 +20,7 @@ The loop, per optimizer step:
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import math
 import os
@@ -543,6 +544,9 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict[
         return summary
     finally:
         if procs.world_size > 1 and dist.is_initialized():
+            # The DDP wrapper sits in reference cycles; left to interpreter exit, its gloo work is freed
+            # after Python has begun shutting down, and the process aborts now and then (SIGABRT).
+            gc.collect()
             dist.destroy_process_group()
 
 
