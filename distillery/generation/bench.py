@@ -46,6 +46,7 @@ class BenchSettings:
     inference_layout: bool = True  # float weights prepacked / transposed for decoding (see quantize.py)
     bandwidth_megabytes: int = 256  # size of the tensor read to measure bandwidth (>> CPU caches)
     device: str = "cpu"  # "cuda" (or "cuda:N") runs everything on that GPU
+    cuda_graphs: bool = False  # our decode steps replayed as a CUDA graph (CUDA only)
 
     def __post_init__(self) -> None:
         for d in self.dtypes:
@@ -60,6 +61,8 @@ class BenchSettings:
                                   "run on a machine with one, or leave --device out to bench the CPU.")
         if device.type not in ("cpu", "cuda"):
             raise DistilleryError(f"--device {self.device!r}: the bench runs on cpu or cuda.")
+        if self.cuda_graphs and device.type != "cuda":
+            raise DistilleryError("--cuda-graphs needs --device cuda; CUDA graphs exist on NVIDIA GPUs only.")
         if device.type != "cpu" and "int8" in self.dtypes:
             raise DistilleryError("--dtype int8 runs on the CPU only (FBGEMM kernels); bench a GPU with fp32 or bf16.")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -186,13 +189,13 @@ def hf_copy(model: Pretrained, dtype: str) -> nn.Module:
 # Decoding
 
 
-def engine_generate(model: Pretrained) -> Callable[[torch.Tensor, int], torch.Tensor]:
+def engine_generate(model: Pretrained, cuda_graphs: bool = False) -> Callable[[torch.Tensor, int], torch.Tensor]:
     """distillery's greedy decoding (the engine's prefill + decode steps), exactly N new tokens."""
     from distillery.generation.config import GenerationConfig
     from distillery.generation.engine import generate
 
     def run(input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-        return generate(model, input_ids, config=GenerationConfig(max_new_tokens=new_tokens))
+        return generate(model, input_ids, config=GenerationConfig(max_new_tokens=new_tokens), cuda_graphs=cuda_graphs)
     return run
 
 
@@ -276,7 +279,8 @@ def bench_model(spec: str, dtype: str, settings: BenchSettings, bandwidth_gbs: f
         for batch in settings.batch_sizes:
             progress(f"{spec} {dtype}: decode batch {batch}")
             prompt = torch.randint(0, vocab, (batch, settings.prompt_tokens), generator=gen).to(device)
-            result = time_decoding(engine_generate(model), prompt, settings.new_tokens, settings.repeats)
+            result = time_decoding(engine_generate(model, settings.cuda_graphs), prompt, settings.new_tokens,
+                                   settings.repeats)
             if batch == 1:
                 limit = bandwidth_gbs * 1e9 / bytes_read_per_token(model)
                 result["bandwidth_limit_tokens_per_s"] = limit
@@ -336,7 +340,7 @@ def run_bench(specs: list[str], settings: BenchSettings,
                      "batch_sizes": list(settings.batch_sizes),
                      "prompt_tokens": settings.prompt_tokens, "new_tokens": settings.new_tokens,
                      "forward_shape": list(settings.forward_shape), "repeats": settings.repeats,
-                     "inference_layout": settings.inference_layout},
+                     "inference_layout": settings.inference_layout, "cuda_graphs": settings.cuda_graphs},
         "results": rows,
         "student_vs_teacher": student_vs_teacher(rows),
     }

@@ -26,6 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: bench that GPU, its memory bandwidth "
                    "included (fp32 and bf16; int8 is CPU only)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="with --device cuda: our decode steps replayed as one CUDA graph each")
     p.add_argument("--linear-layout", action="store_true",
                    help="keep nn.Linear's (out, in) float weights instead of the faster (in, out) decode layout")
     p.add_argument("--no-reference", action="store_true", help="do not time transformers on the same weights")
@@ -52,6 +54,7 @@ def bench_command(args: argparse.Namespace) -> int:
         threads=args.threads,
         inference_layout=not args.linear_layout,
         device=args.device,
+        cuda_graphs=args.cuda_graphs,
     )
     for spec in args.models:
         check_preset(spec)  # before the progress bar starts

@@ -30,6 +30,9 @@ from distillery.models.common import ConfigError, DistilleryError, KVCache
 # Called after each step with the (B,) tokens just chosen; returns (B,) bool: rows that end here.
 StopCheck = Callable[[torch.Tensor], torch.Tensor]
 
+CUDA_GRAPHS_NEED_CUDA = ("CUDA graphs need the model on a CUDA GPU; load it with device='cuda' "
+                         "or leave CUDA graphs off.")
+
 
 def prefill(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache
@@ -63,6 +66,73 @@ def compiled_decode_step() -> Callable:
     return torch.compile(decode_step, dynamic=True)
 
 
+class FixedShapeDecodeStep:
+    """Decode steps with the same shapes every time, so that one CUDA graph can replay them all.
+
+    A graph replays the kernels it recorded on the tensors it recorded them on, so everything that
+    changes from step to step lives in tensors this object owns and updates in place: the tokens,
+    their positions, the cache slot written (the cache's `write_at`) and a mask over all the
+    cache's slots saying which hold tokens. The model attends over every slot of the cache, not
+    just the filled ones, which costs little on a GPU and keeps the shapes fixed.
+
+    Made after the prefill, which filled `cache` with the prompt (left-padded rows as
+    `prompt_mask` says, 1 = token); called as `decode_step` is, it returns the same (B, V) logits
+    (up to float rounding). With `graph` (CUDA only) the first call records the step into a
+    `torch.cuda.CUDAGraph` and every call replays it; without, each call runs the step eagerly,
+    which is how the tests check the fixed-shape step on a CPU.
+    """
+
+    def __init__(self, model: nn.Module, cache: KVCache, prompt_mask: torch.Tensor | None, graph: bool) -> None:
+        B, T, device = cache.k.size(1), cache.length, cache.k.device
+        if graph and device.type != "cuda":
+            raise ConfigError(CUDA_GRAPHS_NEED_CUDA)
+        self.model, self.cache, self.graph = model, cache, graph
+        self.tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.slots_in_use = torch.zeros(B, cache.max_length, dtype=torch.bool, device=device)
+        self.slots_in_use[:, :T] = True if prompt_mask is None else prompt_mask.bool()
+        self.positions = self.slots_in_use.sum(-1, keepdim=True)  # real tokens so far: the next position
+        cache.write_at = torch.tensor(T, dtype=torch.long, device=device)
+        self.recorded: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None  # the recorded step's output
+
+    def _step(self) -> torch.Tensor:
+        out = self.model(self.tokens, attention_mask=self.slots_in_use, position_ids=self.positions,
+                         cache=self.cache, logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+    def _record(self) -> None:
+        # Warm up on a side stream first, as torch.cuda.graph asks; the warm-up steps write the
+        # same keys and values into the same slot as the replay will.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.recorded = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.recorded):
+            self.logits = self._step()
+
+    def __call__(self, model: nn.Module, tokens: torch.Tensor, cache: KVCache,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        slot = cache.length
+        if slot >= cache.max_length:
+            raise ValueError(f"KV cache holds {cache.max_length} positions; {slot + 1} were asked for.")
+        self.tokens.copy_(tokens[:, None])
+        self.slots_in_use[:, slot] = True  # new tokens are always real
+        cache.write_at.fill_(slot)
+        if not self.graph:
+            logits = self._step()
+        else:
+            if self.recorded is None:
+                self._record()
+            self.recorded.replay()
+            logits = self.logits.clone()  # the next replay overwrites it
+        cache.length = slot + 1
+        self.positions += 1
+        return logits
+
+
 @torch.inference_mode()
 def stream(
     model: nn.Module,
@@ -71,19 +141,25 @@ def stream(
     config: GenerationConfig | None = None,
     stop: StopCheck | None = None,
     compile: bool = False,
+    cuda_graphs: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B * num_return_sequences,), one step at a time.
 
     `input_ids` (B, T) are left-padded prompts with `attention_mask` (B, T) (1 = token, 0 = pad);
     rows come out in transformers' order: each prompt's num_return_sequences copies together.
     `stop` may end rows early (stop strings); an ended row yields `pad_token_id` from then on.
-    `compile` runs the decode steps through `torch.compile` (see `compiled_decode_step`).
+    `compile` runs the decode steps through `torch.compile` (see `compiled_decode_step`);
+    `cuda_graphs` replays them as one CUDA graph (see `FixedShapeDecodeStep`; CUDA only).
     """
     config = config or GenerationConfig()
     if not hasattr(model, "new_cache"):
         raise DistilleryError(
             f"{type(model).__name__} cannot generate text; load a causal language model (GPT-2 family)."
         )
+    if cuda_graphs and compile:
+        raise ConfigError("Choose torch.compile or CUDA graphs for the decode steps, not both.")
+    if cuda_graphs and model.device.type != "cuda":
+        raise ConfigError(CUDA_GRAPHS_NEED_CUDA)
     if input_ids.dim() != 2 or input_ids.size(1) == 0:
         raise ConfigError(f"input_ids must have shape (batch, length >= 1), got {tuple(input_ids.shape)}.")
     device = model.device
@@ -120,6 +196,8 @@ def stream(
     step_fn = compiled_decode_step() if compile else decode_step
     cache = model.new_cache(B, T + new_tokens)
     logits = prefill(model, input_ids, attention_mask, cache)
+    if cuda_graphs:
+        step_fn = FixedShapeDecodeStep(model, cache, attention_mask, graph=True)
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
     for step in range(new_tokens):
         scores = process_logits(logits, seen[:, :-1] if seen is not None else None, config)
@@ -146,6 +224,7 @@ def generate(
     config: GenerationConfig | None = None,
     stop: StopCheck | None = None,
     compile: bool = False,
+    cuda_graphs: bool = False,
 ) -> torch.Tensor:
     """Prompts (B, T) -> (B * num_return_sequences, T + generated) token ids, prompts included.
 
@@ -154,7 +233,7 @@ def generate(
     """
     n = (config or GenerationConfig()).num_return_sequences
     prompts = input_ids.to(model.device).repeat_interleave(n, dim=0)
-    steps = list(stream(model, input_ids, attention_mask, config, stop, compile))
+    steps = list(stream(model, input_ids, attention_mask, config, stop, compile, cuda_graphs))
     if not steps:
         return prompts
     return torch.cat([prompts, torch.stack(steps, dim=1)], dim=1)

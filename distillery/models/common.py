@@ -44,6 +44,11 @@ class KVCache:
     `length` is the number of positions already written. A model's forward writes its new
     positions at [length, length + T) for each layer, then advances `length`; setting `length`
     back rolls the cache back (speculative decoding rejects drafted tokens that way).
+
+    With `write_at` set (a 0-d long tensor on the cache's device), the cache has fixed shapes, as
+    a CUDA graph needs: new positions go to [write_at, write_at + T), read from the tensor on the
+    device rather than from `length`, and `update` returns every slot; the caller's attention mask
+    says which slots hold tokens. `length` is then the caller's to keep.
     """
 
     def __init__(self, n_layer, batch_size, n_head, max_length, head_dim, dtype, device) -> None:
@@ -51,13 +56,20 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
+        self.write_at: torch.Tensor | None = None
 
     @property
     def max_length(self) -> int:
         return self.k.size(3)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write (B, H, T, D) new keys/values of `layer`; return all (B, H, length + T, D)."""
+        """Write (B, H, T, D) new keys/values of `layer`; return all (B, H, length + T, D)
+        (with `write_at`: all (B, H, max_length, D))."""
+        if self.write_at is not None:
+            slots = self.write_at + torch.arange(k.size(2), device=k.device)
+            self.k[layer].index_copy_(2, slots, k)
+            self.v[layer].index_copy_(2, slots, v)
+            return self.k[layer], self.v[layer]
         start, end = self.length, self.length + k.size(2)
         if end > self.max_length:
             raise ValueError(f"KV cache holds {self.max_length} positions; {end} were asked for.")

@@ -241,20 +241,29 @@ class GPT2(Pretrained):
                 f"The sequence is {S} tokens long but the model has only {self.config.n_positions} "
                 "positions; shorten the prompt or lower max_length / max_new_tokens."
             )
-        if attention_mask is not None and attention_mask.shape != (B, S):
-            raise ValueError(f"attention_mask must have shape {(B, S)}, got {tuple(attention_mask.shape)}.")
-        if position_ids is None:
-            if attention_mask is not None and not bool(attention_mask.all()):
-                # Padding: number real tokens from 0, as transformers' generate does.
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-            else:
-                position_ids = torch.arange(past, S, device=input_ids.device).unsqueeze(0)
+        if cache is not None and cache.write_at is not None:
+            # Fixed shapes for a CUDA graph: attend over every cache slot, masked to those holding
+            # tokens, and read no device value on the host.
+            if T != 1 or position_ids is None or attention_mask is None \
+                    or attention_mask.shape != (B, cache.max_length):
+                raise ValueError("A cache with write_at takes one token per row, position_ids, and an "
+                                 "attention_mask over all of its max_length slots.")
+            mask = attention_mask.bool()[:, None, None, :]
+        else:
+            if attention_mask is not None and attention_mask.shape != (B, S):
+                raise ValueError(f"attention_mask must have shape {(B, S)}, got {tuple(attention_mask.shape)}.")
+            if position_ids is None:
+                if attention_mask is not None and not bool(attention_mask.all()):
+                    # Padding: number real tokens from 0, as transformers' generate does.
+                    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+                else:
+                    position_ids = torch.arange(past, S, device=input_ids.device).unsqueeze(0)
 
-        mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            mask = padded_causal_mask(attention_mask.bool(), T)
-        elif T > 1 and past > 0:
-            mask = padded_causal_mask(torch.ones(B, S, dtype=torch.bool, device=input_ids.device), T)
+            mask = None
+            if attention_mask is not None and not bool(attention_mask.all()):
+                mask = padded_causal_mask(attention_mask.bool(), T)
+            elif T > 1 and past > 0:
+                mask = padded_causal_mask(torch.ones(B, S, dtype=torch.bool, device=input_ids.device), T)
 
         x = self.wte(input_ids) + self.wpe(position_ids)  # (B, T, C)
         if self.training:

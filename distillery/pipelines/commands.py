@@ -40,6 +40,8 @@ def register(subparsers) -> None:
                    help="weights of the --draft model (default: --dtype); int8 makes drafting cheaper")
     p.add_argument("--compile", action="store_true",
                    help="run decode steps through torch.compile (compiles first; pays off on GPUs, not this CPU)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay decode steps as one CUDA graph (with --device cuda; fewer kernel launches)")
     p.add_argument("--no-full-text", action="store_true", help="print only the generated part, not the prompt")
     p.add_argument("--truncation", action="store_true", help="keep the end of a prompt too long for the model")
     _add_device_flags(p)
@@ -93,7 +95,7 @@ def generate_command(args: argparse.Namespace) -> int:
         options["truncation"] = True
     check_device(args.device)
     generator = pipeline("text-generation", model=args.model, device=args.device, dtype=args.dtype,
-                         compile=args.compile)
+                         compile=args.compile, cuda_graphs=args.cuda_graphs)
     if args.seed is not None:
         set_seed(args.seed)
     if args.draft:
@@ -119,6 +121,7 @@ def _speculative(args: argparse.Namespace, generator, options: dict[str, Any]) -
     if args.draft_k < 1:
         raise DistilleryError(f"--draft-k must be at least 1 (tokens drafted per round), got {args.draft_k}.")
     unsupported = [k for k in ("repetition_penalty", "num_return_sequences") if options.get(k, 1) != 1]
+    unsupported += [k for k in ("compile", "cuda_graphs") if getattr(args, k)]
     if unsupported:
         raise DistilleryError(f"--draft does not support {', '.join('--' + k.replace('_', '-') for k in unsupported)}; "
                               "leave them out.")

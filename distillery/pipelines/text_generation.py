@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from distillery.generation.config import GenerationConfig
-from distillery.generation.engine import generate, stream
+from distillery.generation.engine import CUDA_GRAPHS_NEED_CUDA, generate, stream
 from distillery.models.common import DistilleryError, Pretrained
 
 logger = logging.getLogger(__name__)
@@ -68,9 +68,10 @@ class TextGenerationPipeline:
     """Continue one prompt or a list of prompts with a GPT-2 family model."""
 
     def __init__(self, model: Pretrained, tokenizer, generation_defaults: dict[str, Any] | None = None,
-                 compile: bool = False, **generate_kwargs: Any) -> None:
+                 compile: bool = False, cuda_graphs: bool = False, **generate_kwargs: Any) -> None:
         """`generation_defaults`: the checkpoint's settings (see `checkpoint_generation_defaults`);
         `compile`: decode steps through torch.compile (engine.compiled_decode_step);
+        `cuda_graphs`: decode steps replayed as a CUDA graph (engine.FixedShapeDecodeStep; CUDA only);
         `generate_kwargs` (max_new_tokens=..., ...) apply to every call unless the call overrides them."""
         if not hasattr(model, "new_cache"):
             raise DistilleryError(
@@ -82,7 +83,12 @@ class TextGenerationPipeline:
         self.generation_defaults = {**checkpoint_generation_defaults(model), **(generation_defaults or {})}
         _check_generation_args(generate_kwargs)
         self.generate_kwargs = generate_kwargs
+        if cuda_graphs and compile:
+            raise DistilleryError("Choose torch.compile or CUDA graphs for the decode steps, not both.")
+        if cuda_graphs and model.device.type != "cuda":
+            raise DistilleryError(CUDA_GRAPHS_NEED_CUDA)
         self.compile = compile
+        self.cuda_graphs = cuda_graphs
 
     def __call__(
         self,
@@ -120,7 +126,8 @@ class TextGenerationPipeline:
             chunk = prompts[start : start + batch_size]
             ids, mask = self._encode_batch(chunk, config, truncation)
             checker = StopStrings(self.tokenizer, stops, len(chunk) * n) if stops else None
-            tokens = generate(self.model, ids, mask, config, stop=checker, compile=self.compile)
+            tokens = generate(self.model, ids, mask, config, stop=checker, compile=self.compile,
+                              cuda_graphs=self.cuda_graphs)
             tokens = tokens[:, ids.size(1) :].tolist()
             for i, prompt in enumerate(chunk):
                 records = []
@@ -144,7 +151,7 @@ class TextGenerationPipeline:
         decoder = self.tokenizer.incremental_decoder(skip_special_tokens=True)
         eos = set(config.eos_token_ids)
         pending = ""  # decoded text not yet yielded: it may be the start of a stop string
-        for token in stream(self.model, ids, None, config, compile=self.compile):
+        for token in stream(self.model, ids, None, config, compile=self.compile, cuda_graphs=self.cuda_graphs):
             token_id = int(token[0])
             if token_id in eos:
                 break

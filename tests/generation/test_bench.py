@@ -102,6 +102,7 @@ def test_cli_json(tiny_gpt2_dir, capsys):
     (["--forward-shape", "8by256"], "--forward-shape"),
     (["--device", "tpu"], "--device 'tpu' is not a device torch knows"),
     (["--device", "meta"], "the bench runs on cpu or cuda"),
+    (["--cuda-graphs"], "--cuda-graphs needs --device cuda"),
     (["preset:gpt5"], "Unknown preset 'gpt5'"),
 ])
 def test_cli_bad_settings(tiny_gpt2_dir, capsys, flags, message):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import save_tiny_gpt2
 from torch import nn
 
 from distillery.generation import GenerationConfig, decode_step, generate, prefill, stream
+from distillery.generation.engine import FixedShapeDecodeStep
 from distillery.generation.sampling import (
     apply_repetition_penalty,
     apply_temperature,
@@ -235,3 +238,54 @@ def test_top_k_and_top_p_keep_what_they_promise():
     assert torch.isfinite(top_k_filter(scores, 2)).tolist() == [[True, True, False, False]]
     assert torch.isfinite(top_p_filter(scores, 0.7)).tolist() == [[True, True, False, False]]
     assert torch.isfinite(top_p_filter(scores, 0.01)).tolist() == [[True, False, False, False]]
+
+
+def test_fixed_shape_steps_equal_growing_cache_steps(tiny):
+    """What a CUDA graph replays (every slot attended, masked; positions and slot in tensors) yields
+    what the growing cache yields, left padding included."""
+    ours, _ = tiny
+    prompts = [[4, 8, 15, 16, 23, 42], [7], [30, 31, 32]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[EOS] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    run_mask = torch.cat([mask, torch.ones(3, 12, dtype=torch.long)], dim=1)
+    growing, fixed = ours.new_cache(3, width + 12), ours.new_cache(3, width + 12)
+    with torch.inference_mode():
+        expected = prefill(ours, ids, mask, growing)
+        got = prefill(ours, ids, mask, fixed)
+        step = FixedShapeDecodeStep(ours, fixed, mask, graph=False)
+        for _ in range(12):
+            tokens = expected.argmax(-1)
+            expected = decode_step(ours, tokens, growing, run_mask[:, : growing.length + 1])
+            got = step(ours, tokens, fixed)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+            assert fixed.length == growing.length
+        with pytest.raises(ValueError, match="holds 18 positions; 19 were asked for"):
+            step(ours, tokens, fixed)
+
+
+def test_cuda_graphs_are_refused_off_a_gpu_and_with_compile(tiny):
+    ours, _ = tiny
+    with pytest.raises(ConfigError, match="CUDA graphs need the model on a CUDA GPU; load it with device='cuda'"):
+        generate(ours, PROMPT, None, GenerationConfig(max_new_tokens=2), cuda_graphs=True)
+    with pytest.raises(ConfigError, match="Choose torch.compile or CUDA graphs"):
+        generate(ours, PROMPT, None, GenerationConfig(max_new_tokens=2), compile=True, cuda_graphs=True)
+    cache = ours.new_cache(1, 8)
+    with pytest.raises(ConfigError, match="CUDA graphs need"):
+        FixedShapeDecodeStep(ours, cache, None, graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need an NVIDIA GPU")
+def test_cuda_graph_decoding_equals_eager_decoding(tiny):
+    ours, _ = tiny
+    model = copy.deepcopy(ours).to("cuda").eval()
+    prompts = torch.tensor([[EOS, EOS, 5, 17], [42, 8, 3, 60]], device="cuda")
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]], device="cuda")
+    config = GenerationConfig(max_new_tokens=20)
+    eager = generate(model, prompts, mask, config)
+    assert torch.equal(generate(model, prompts, mask, config, cuda_graphs=True), eager)
+    torch.manual_seed(3)
+    sampled = generate(model, prompts, mask, GenerationConfig(do_sample=True, max_new_tokens=20))
+    torch.manual_seed(3)
+    assert torch.equal(generate(model, prompts, mask, GenerationConfig(do_sample=True, max_new_tokens=20),
+                                cuda_graphs=True), sampled)

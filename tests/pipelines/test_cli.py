@@ -219,6 +219,15 @@ def test_generate_compiled_equals_eager(capsys, gpt2_dir):
     assert run_json(capsys, *argv, "--compile") == run_json(capsys, *argv)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_generate_cuda_graphs_need_a_gpu(capsys, gpt2_dir):
+    code, out, err = run(capsys, "generate", gpt2_dir, "Hi", "--cuda-graphs")
+    assert_one_line_error(code, err, "CUDA graphs need the model on a CUDA GPU")
+    assert out == ""
+    code, out, err = run(capsys, "generate", gpt2_dir, "Hi", "--draft", gpt2_dir, "--compile")
+    assert_one_line_error(code, err, "--draft does not support --compile")
+
+
 def test_generate_draft_k_must_be_positive(capsys, gpt2_dir):
     code, out, err = run(capsys, "generate", gpt2_dir, "Hi", "--draft", gpt2_dir, "--draft-k", "0")
     assert code == 2 and out == ""
