@@ -75,25 +75,36 @@ class FixedShapeDecodeStep:
     cache's slots saying which hold tokens. The model attends over every slot of the cache, not
     just the filled ones, which costs little on a GPU and keeps the shapes fixed.
 
-    Made after the prefill, which filled `cache` with the prompt (left-padded rows as
-    `prompt_mask` says, 1 = token); called as `decode_step` is, it returns the same (B, V) logits
-    (up to float rounding). With `graph` (CUDA only) the first call records the step into a
-    `torch.cuda.CUDAGraph` and every call replays it; without, each call runs the step eagerly,
-    which is how the tests check the fixed-shape step on a CPU.
+    `prefill` runs a prompt into the cache; then each call, made as `decode_step` is, returns the
+    same (B, V) logits as `decode_step` would (up to float rounding). With `graph` (CUDA only) the
+    first call records the step into a `torch.cuda.CUDAGraph` and every later call, for this
+    prompt or the next ones, replays it; without, each call runs the step eagerly, which is how
+    the tests check the fixed-shape step on a CPU.
     """
 
-    def __init__(self, model: nn.Module, cache: KVCache, prompt_mask: torch.Tensor | None, graph: bool) -> None:
-        B, T, device = cache.k.size(1), cache.length, cache.k.device
+    def __init__(self, model: nn.Module, cache: KVCache, graph: bool) -> None:
+        B, device = cache.k.size(1), cache.k.device
         if graph and device.type != "cuda":
             raise ConfigError(CUDA_GRAPHS_NEED_CUDA)
         self.model, self.cache, self.graph = model, cache, graph
         self.tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
         self.slots_in_use = torch.zeros(B, cache.max_length, dtype=torch.bool, device=device)
-        self.slots_in_use[:, :T] = True if prompt_mask is None else prompt_mask.bool()
-        self.positions = self.slots_in_use.sum(-1, keepdim=True)  # real tokens so far: the next position
-        cache.write_at = torch.tensor(T, dtype=torch.long, device=device)
+        self.positions = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.write_at = torch.zeros((), dtype=torch.long, device=device)
         self.recorded: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # the recorded step's output
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Run the prompts (B, T) into the emptied cache, as `prefill` does, and point the step's
+        tensors at them (in place: a recorded graph keeps reading the same tensors)."""
+        T = input_ids.size(1)
+        self.cache.length, self.cache.write_at = 0, None  # the prompt takes the growing-cache path
+        logits = prefill(self.model, input_ids, attention_mask, self.cache)
+        self.slots_in_use.zero_()
+        self.slots_in_use[:, :T] = True if attention_mask is None else attention_mask.bool()
+        self.positions.copy_(self.slots_in_use.sum(-1, keepdim=True))  # real tokens so far: the next position
+        self.cache.write_at = self.write_at
+        return logits
 
     def _step(self) -> torch.Tensor:
         out = self.model(self.tokens, attention_mask=self.slots_in_use, position_ids=self.positions,
@@ -115,12 +126,12 @@ class FixedShapeDecodeStep:
 
     def __call__(self, model: nn.Module, tokens: torch.Tensor, cache: KVCache,
                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        slot = cache.length
-        if slot >= cache.max_length:
-            raise ValueError(f"KV cache holds {cache.max_length} positions; {slot + 1} were asked for.")
+        slot = self.cache.length
+        if slot >= self.cache.max_length:
+            raise ValueError(f"KV cache holds {self.cache.max_length} positions; {slot + 1} were asked for.")
         self.tokens.copy_(tokens[:, None])
         self.slots_in_use[:, slot] = True  # new tokens are always real
-        cache.write_at.fill_(slot)
+        self.write_at.fill_(slot)
         if not self.graph:
             logits = self._step()
         else:
@@ -128,9 +139,29 @@ class FixedShapeDecodeStep:
                 self._record()
             self.recorded.replay()
             logits = self.logits.clone()  # the next replay overwrites it
-        cache.length = slot + 1
+        self.cache.length = slot + 1
         self.positions += 1
         return logits
+
+
+# Recorded decode steps kept per model: the cache length is rounded up to this many positions so
+# that prompts of similar lengths share one graph, and a model keeps at most this many graphs.
+GRAPH_LENGTH_STEP = 256
+GRAPHS_PER_MODEL = 4
+
+
+def recorded_decode_step(model: nn.Module, batch_size: int, length: int) -> FixedShapeDecodeStep:
+    """The model's CUDA-graph decode step for `batch_size` rows of up to `length` tokens, recorded
+    on first use and kept on the model for later calls (the oldest goes beyond GRAPHS_PER_MODEL).
+    Calls of the same shape share its cache, so a model runs one such generation at a time."""
+    rounded = min(-(-length // GRAPH_LENGTH_STEP) * GRAPH_LENGTH_STEP, model.config.n_positions)
+    kept: dict[tuple[int, int], FixedShapeDecodeStep] = model.__dict__.setdefault("_recorded_decode_steps", {})
+    key = (batch_size, max(rounded, length))
+    if key not in kept:
+        if len(kept) >= GRAPHS_PER_MODEL:
+            del kept[next(iter(kept))]
+        kept[key] = FixedShapeDecodeStep(model, model.new_cache(*key), graph=True)
+    return kept[key]
 
 
 @torch.inference_mode()
@@ -193,11 +224,14 @@ def stream(
         mask = torch.ones(B, T + new_tokens, dtype=attention_mask.dtype, device=device)
         mask[:, :T] = attention_mask
 
-    step_fn = compiled_decode_step() if compile else decode_step
-    cache = model.new_cache(B, T + new_tokens)
-    logits = prefill(model, input_ids, attention_mask, cache)
     if cuda_graphs:
-        step_fn = FixedShapeDecodeStep(model, cache, attention_mask, graph=True)
+        step_fn = recorded_decode_step(model, B, T + new_tokens)
+        cache = step_fn.cache
+        logits = step_fn.prefill(input_ids, attention_mask)
+    else:
+        step_fn = compiled_decode_step() if compile else decode_step
+        cache = model.new_cache(B, T + new_tokens)
+        logits = prefill(model, input_ids, attention_mask, cache)
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
     for step in range(new_tokens):
         scores = process_logits(logits, seen[:, :-1] if seen is not None else None, config)

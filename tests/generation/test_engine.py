@@ -242,26 +242,25 @@ def test_top_k_and_top_p_keep_what_they_promise():
 
 def test_fixed_shape_steps_equal_growing_cache_steps(tiny):
     """What a CUDA graph replays (every slot attended, masked; positions and slot in tensors) yields
-    what the growing cache yields, left padding included."""
+    what the growing cache yields, left padding included, and again after a new prompt."""
     ours, _ = tiny
-    prompts = [[4, 8, 15, 16, 23, 42], [7], [30, 31, 32]]
-    width = max(map(len, prompts))
-    ids = torch.tensor([[EOS] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    run_mask = torch.cat([mask, torch.ones(3, 12, dtype=torch.long)], dim=1)
-    growing, fixed = ours.new_cache(3, width + 12), ours.new_cache(3, width + 12)
-    with torch.inference_mode():
-        expected = prefill(ours, ids, mask, growing)
-        got = prefill(ours, ids, mask, fixed)
-        step = FixedShapeDecodeStep(ours, fixed, mask, graph=False)
-        for _ in range(12):
-            tokens = expected.argmax(-1)
-            expected = decode_step(ours, tokens, growing, run_mask[:, : growing.length + 1])
-            got = step(ours, tokens, fixed)
-            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-            assert fixed.length == growing.length
-        with pytest.raises(ValueError, match="holds 18 positions; 19 were asked for"):
-            step(ours, tokens, fixed)
+    step = FixedShapeDecodeStep(ours, ours.new_cache(3, 24), graph=False)
+    for prompts in ([[4, 8, 15, 16, 23, 42], [7], [30, 31, 32]], [[9, 9], [1, 2, 3, 4, 5, 6, 7, 8], [50]]):
+        width = max(map(len, prompts))
+        ids = torch.tensor([[EOS] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        run_mask = torch.cat([mask, torch.ones(3, 24 - width, dtype=torch.long)], dim=1)
+        growing = ours.new_cache(3, 24)
+        with torch.inference_mode():
+            expected = prefill(ours, ids, mask, growing)
+            torch.testing.assert_close(step.prefill(ids, mask), expected)
+            for _ in range(24 - width):
+                tokens = expected.argmax(-1)
+                expected = decode_step(ours, tokens, growing, run_mask[:, : growing.length + 1])
+                torch.testing.assert_close(step(ours, tokens, step.cache), expected, atol=1e-5, rtol=1e-5)
+                assert step.cache.length == growing.length
+            with pytest.raises(ValueError, match="holds 24 positions; 25 were asked for"):
+                step(ours, tokens, step.cache)
 
 
 def test_cuda_graphs_are_refused_off_a_gpu_and_with_compile(tiny):
@@ -270,9 +269,8 @@ def test_cuda_graphs_are_refused_off_a_gpu_and_with_compile(tiny):
         generate(ours, PROMPT, None, GenerationConfig(max_new_tokens=2), cuda_graphs=True)
     with pytest.raises(ConfigError, match="Choose torch.compile or CUDA graphs"):
         generate(ours, PROMPT, None, GenerationConfig(max_new_tokens=2), compile=True, cuda_graphs=True)
-    cache = ours.new_cache(1, 8)
     with pytest.raises(ConfigError, match="CUDA graphs need"):
-        FixedShapeDecodeStep(ours, cache, None, graph=True)
+        FixedShapeDecodeStep(ours, ours.new_cache(1, 8), graph=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need an NVIDIA GPU")
@@ -284,6 +282,10 @@ def test_cuda_graph_decoding_equals_eager_decoding(tiny):
     config = GenerationConfig(max_new_tokens=20)
     eager = generate(model, prompts, mask, config)
     assert torch.equal(generate(model, prompts, mask, config, cuda_graphs=True), eager)
+    assert torch.equal(generate(model, prompts, mask, config, cuda_graphs=True), eager)  # replayed again
+    assert len(model._recorded_decode_steps) == 1
+    one = generate(model, prompts[1:, 1:], None, config)  # another shape: another graph
+    assert torch.equal(generate(model, prompts[1:, 1:], None, config, cuda_graphs=True), one)
     torch.manual_seed(3)
     sampled = generate(model, prompts, mask, GenerationConfig(do_sample=True, max_new_tokens=20))
     torch.manual_seed(3)
