@@ -30,8 +30,14 @@ from distillery.models.common import ConfigError, DistilleryError, KVCache
 # Called after each step with the (B,) tokens just chosen; returns (B,) bool: rows that end here.
 StopCheck = Callable[[torch.Tensor], torch.Tensor]
 
-CUDA_GRAPHS_NEED_CUDA = ("CUDA graphs need the model on a CUDA GPU; load it with device='cuda' "
-                         "or leave CUDA graphs off.")
+
+def check_step_options(device: torch.device, compile: bool, cuda_graphs: bool) -> None:
+    """Refuse decode-step settings that cannot run on `device`, in one sentence."""
+    if cuda_graphs and compile:
+        raise ConfigError("Choose torch.compile or CUDA graphs for the decode steps, not both.")
+    if cuda_graphs and device.type != "cuda":
+        raise ConfigError("CUDA graphs need the model on a CUDA GPU; load it with device='cuda' "
+                          "or leave CUDA graphs off.")
 
 
 def prefill(
@@ -84,8 +90,7 @@ class FixedShapeDecodeStep:
 
     def __init__(self, model: nn.Module, cache: KVCache, graph: bool) -> None:
         B, device = cache.k.size(1), cache.k.device
-        if graph and device.type != "cuda":
-            raise ConfigError(CUDA_GRAPHS_NEED_CUDA)
+        check_step_options(device, compile=False, cuda_graphs=graph)
         self.model, self.cache, self.graph = model, cache, graph
         self.tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
         self.slots_in_use = torch.zeros(B, cache.max_length, dtype=torch.bool, device=device)
@@ -156,7 +161,7 @@ def recorded_decode_step(model: nn.Module, batch_size: int, length: int) -> Fixe
     Calls of the same shape share its cache, so a model runs one such generation at a time."""
     rounded = min(-(-length // GRAPH_LENGTH_STEP) * GRAPH_LENGTH_STEP, model.config.n_positions)
     kept: dict[tuple[int, int], FixedShapeDecodeStep] = model.__dict__.setdefault("_recorded_decode_steps", {})
-    key = (batch_size, max(rounded, length))
+    key = (batch_size, rounded)  # length <= n_positions: stream checked it
     if key not in kept:
         if len(kept) >= GRAPHS_PER_MODEL:
             del kept[next(iter(kept))]
@@ -187,10 +192,7 @@ def stream(
         raise DistilleryError(
             f"{type(model).__name__} cannot generate text; load a causal language model (GPT-2 family)."
         )
-    if cuda_graphs and compile:
-        raise ConfigError("Choose torch.compile or CUDA graphs for the decode steps, not both.")
-    if cuda_graphs and model.device.type != "cuda":
-        raise ConfigError(CUDA_GRAPHS_NEED_CUDA)
+    check_step_options(model.device, compile, cuda_graphs)
     if input_ids.dim() != 2 or input_ids.size(1) == 0:
         raise ConfigError(f"input_ids must have shape (batch, length >= 1), got {tuple(input_ids.shape)}.")
     device = model.device

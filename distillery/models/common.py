@@ -46,7 +46,7 @@ class KVCache:
     back rolls the cache back (speculative decoding rejects drafted tokens that way).
 
     With `write_at` set (a 0-d long tensor on the cache's device), the cache has fixed shapes, as
-    a CUDA graph needs: new positions go to [write_at, write_at + T), read from the tensor on the
+    a CUDA graph needs: the one new position goes to slot `write_at`, read from the tensor on the
     device rather than from `length`, and `update` returns every slot; the caller's attention mask
     says which slots hold tokens. `length` is then the caller's to keep.
     """
@@ -64,11 +64,10 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write (B, H, T, D) new keys/values of `layer`; return all (B, H, length + T, D)
-        (with `write_at`: all (B, H, max_length, D))."""
+        (with `write_at`: T is 1, and all (B, H, max_length, D) come back)."""
         if self.write_at is not None:
-            slots = self.write_at + torch.arange(k.size(2), device=k.device)
-            self.k[layer].index_copy_(2, slots, k)
-            self.v[layer].index_copy_(2, slots, v)
+            self.k[layer].index_copy_(2, self.write_at.view(1), k)
+            self.v[layer].index_copy_(2, self.write_at.view(1), v)
             return self.k[layer], self.v[layer]
         start, end = self.length, self.length + k.size(2)
         if end > self.max_length:

@@ -242,28 +242,9 @@ class GPT2(Pretrained):
                 "positions; shorten the prompt or lower max_length / max_new_tokens."
             )
         if cache is not None and cache.write_at is not None:
-            # Fixed shapes for a CUDA graph: attend over every cache slot, masked to those holding
-            # tokens, and read no device value on the host.
-            if T != 1 or position_ids is None or attention_mask is None \
-                    or attention_mask.shape != (B, cache.max_length):
-                raise ValueError("A cache with write_at takes one token per row, position_ids, and an "
-                                 "attention_mask over all of its max_length slots.")
-            mask = attention_mask.bool()[:, None, None, :]
+            mask = _fixed_slot_mask(input_ids, attention_mask, position_ids, cache)
         else:
-            if attention_mask is not None and attention_mask.shape != (B, S):
-                raise ValueError(f"attention_mask must have shape {(B, S)}, got {tuple(attention_mask.shape)}.")
-            if position_ids is None:
-                if attention_mask is not None and not bool(attention_mask.all()):
-                    # Padding: number real tokens from 0, as transformers' generate does.
-                    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-                else:
-                    position_ids = torch.arange(past, S, device=input_ids.device).unsqueeze(0)
-
-            mask = None
-            if attention_mask is not None and not bool(attention_mask.all()):
-                mask = padded_causal_mask(attention_mask.bool(), T)
-            elif T > 1 and past > 0:
-                mask = padded_causal_mask(torch.ones(B, S, dtype=torch.bool, device=input_ids.device), T)
+            position_ids, mask = _positions_and_mask(input_ids, attention_mask, position_ids, past)
 
         x = self.wte(input_ids) + self.wpe(position_ids)  # (B, T, C)
         if self.training:
@@ -285,6 +266,40 @@ class GPT2(Pretrained):
             last_hidden_state=x,
             hidden_states=tuple(hidden_states) if hidden_states is not None else None,
         )
+
+
+def _positions_and_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        position_ids: torch.Tensor | None, past: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Position ids (given, or counted) and the (B, 1, T, S) attention mask for the T new tokens
+    after `past` cached ones; the mask is None where plain causal attention does (no padding)."""
+    (B, T), device = input_ids.shape, input_ids.device
+    S = past + T
+    if attention_mask is not None and attention_mask.shape != (B, S):
+        raise ValueError(f"attention_mask must have shape {(B, S)}, got {tuple(attention_mask.shape)}.")
+    padded = attention_mask is not None and not bool(attention_mask.all())  # one host sync, not two
+    if position_ids is None:
+        if padded:
+            # Padding: number real tokens from 0, as transformers' generate does.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        else:
+            position_ids = torch.arange(past, S, device=device).unsqueeze(0)
+    if padded:
+        return position_ids, padded_causal_mask(attention_mask.bool(), T)
+    if T > 1 and past > 0:
+        return position_ids, padded_causal_mask(torch.ones(B, S, dtype=torch.bool, device=device), T)
+    return position_ids, None
+
+
+def _fixed_slot_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     position_ids: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+    """The (B, 1, 1, max_length) mask of a fixed-shape step (a cache with `write_at`, for a CUDA
+    graph): every cache slot is attended, masked to those holding tokens, and no device value is
+    read on the host."""
+    B, T = input_ids.shape
+    if T != 1 or position_ids is None or attention_mask is None or attention_mask.shape != (B, cache.max_length):
+        raise ValueError("A cache with write_at takes one token per row, position_ids, and an "
+                         "attention_mask over all of its max_length slots.")
+    return attention_mask.bool()[:, None, None, :]
 
 
 def padded_causal_mask(key_mask: torch.Tensor, T: int) -> torch.Tensor:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from distillery.generation.config import GenerationConfig
-from distillery.generation.engine import CUDA_GRAPHS_NEED_CUDA, generate, stream
+from distillery.generation.engine import check_step_options, generate, stream
 from distillery.models.common import DistilleryError, Pretrained
 
 logger = logging.getLogger(__name__)
@@ -83,10 +83,7 @@ class TextGenerationPipeline:
         self.generation_defaults = {**checkpoint_generation_defaults(model), **(generation_defaults or {})}
         _check_generation_args(generate_kwargs)
         self.generate_kwargs = generate_kwargs
-        if cuda_graphs and compile:
-            raise DistilleryError("Choose torch.compile or CUDA graphs for the decode steps, not both.")
-        if cuda_graphs and model.device.type != "cuda":
-            raise DistilleryError(CUDA_GRAPHS_NEED_CUDA)
+        check_step_options(model.device, compile, cuda_graphs)  # now, not at the first call
         self.compile = compile
         self.cuda_graphs = cuda_graphs
 
