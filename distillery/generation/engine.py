@@ -36,7 +36,7 @@ def check_step_options(device: torch.device, compile: bool, cuda_graphs: bool) -
     if cuda_graphs and compile:
         raise ConfigError("Choose torch.compile or CUDA graphs for the decode steps, not both.")
     if cuda_graphs and device.type != "cuda":
-        raise ConfigError("CUDA graphs need the model on a CUDA GPU; load it with device='cuda' "
+        raise ConfigError("CUDA graphs need the model on a CUDA GPU; load it with device='cuda' (--device cuda) "
                           "or leave CUDA graphs off.")
 
 
