@@ -47,6 +47,7 @@ class BenchSettings:
     bandwidth_megabytes: int = 256  # size of the tensor read to measure bandwidth (>> CPU caches)
     device: str = "cpu"  # "cuda" (or "cuda:N") runs everything on that GPU
     cuda_graphs: bool = False  # our decode steps replayed as a CUDA graph (CUDA only)
+    compile: bool = False  # our decode steps through torch.compile (engine.compiled_decode_step)
 
     def __post_init__(self) -> None:
         for d in self.dtypes:
@@ -61,6 +62,8 @@ class BenchSettings:
                                   "run on a machine with one, or leave --device out to bench the CPU.")
         if device.type not in ("cpu", "cuda"):
             raise DistilleryError(f"--device {self.device!r}: the bench runs on cpu or cuda.")
+        if self.cuda_graphs and self.compile:
+            raise DistilleryError("Choose --compile or --cuda-graphs for our decode steps, not both.")
         if self.cuda_graphs and device.type != "cuda":
             raise DistilleryError("--cuda-graphs needs --device cuda; CUDA graphs exist on NVIDIA GPUs only.")
         if device.type != "cpu" and "int8" in self.dtypes:
@@ -189,13 +192,15 @@ def hf_copy(model: Pretrained, dtype: str) -> nn.Module:
 # Decoding
 
 
-def engine_generate(model: Pretrained, cuda_graphs: bool = False) -> Callable[[torch.Tensor, int], torch.Tensor]:
+def engine_generate(model: Pretrained, cuda_graphs: bool = False,
+                    compile: bool = False) -> Callable[[torch.Tensor, int], torch.Tensor]:
     """distillery's greedy decoding (the engine's prefill + decode steps), exactly N new tokens."""
     from distillery.generation.config import GenerationConfig
     from distillery.generation.engine import generate
 
     def run(input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-        return generate(model, input_ids, config=GenerationConfig(max_new_tokens=new_tokens), cuda_graphs=cuda_graphs)
+        return generate(model, input_ids, config=GenerationConfig(max_new_tokens=new_tokens),
+                        compile=compile, cuda_graphs=cuda_graphs)
     return run
 
 
@@ -255,7 +260,10 @@ def bench_model(spec: str, dtype: str, settings: BenchSettings, bandwidth_gbs: f
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     layout = "int8" if dtype == "int8" else "linear"
-    if dtype != "int8" and settings.inference_layout and device.type == "cpu":
+    compiled = settings.compile and model.family == "gpt2"
+    if compiled and dtype != "int8" and device.type == "cpu":
+        layout = "linear, compiled"  # torch.compile lays the weights out itself (compiled_decode_step)
+    elif dtype != "int8" and settings.inference_layout and device.type == "cpu":
         to_inference_layout(model)
         layouts = {m.layout for m in model.modules() if isinstance(m, InferenceLinear)}
         layout = "onednn-packed" if "onednn-packed" in layouts else "input-major"
@@ -279,8 +287,15 @@ def bench_model(spec: str, dtype: str, settings: BenchSettings, bandwidth_gbs: f
         for batch in settings.batch_sizes:
             progress(f"{spec} {dtype}: decode batch {batch}")
             prompt = torch.randint(0, vocab, (batch, settings.prompt_tokens), generator=gen).to(device)
-            result = time_decoding(engine_generate(model, settings.cuda_graphs), prompt, settings.new_tokens,
-                                   settings.repeats)
+            ours = engine_generate(model, settings.cuda_graphs, compiled)
+            compile_s = None
+            if compiled:  # the first decode step of a batch size compiles; time it on its own
+                started = time.perf_counter()
+                ours(prompt, 2)
+                compile_s = time.perf_counter() - started
+            result = time_decoding(ours, prompt, settings.new_tokens, settings.repeats)
+            if compile_s is not None:
+                result["compile_s"] = compile_s
             if batch == 1:
                 limit = bandwidth_gbs * 1e9 / bytes_read_per_token(model)
                 result["bandwidth_limit_tokens_per_s"] = limit
@@ -340,7 +355,8 @@ def run_bench(specs: list[str], settings: BenchSettings,
                      "batch_sizes": list(settings.batch_sizes),
                      "prompt_tokens": settings.prompt_tokens, "new_tokens": settings.new_tokens,
                      "forward_shape": list(settings.forward_shape), "repeats": settings.repeats,
-                     "inference_layout": settings.inference_layout, "cuda_graphs": settings.cuda_graphs},
+                     "inference_layout": settings.inference_layout, "cuda_graphs": settings.cuda_graphs,
+                     "compile": settings.compile},
         "results": rows,
         "student_vs_teacher": student_vs_teacher(rows),
     }
@@ -383,6 +399,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(fwd)
         for batch, d in r.get("decode", {}).items():
             line = f"  decode batch {batch}: {d['tokens_per_s']:.1f} tok/s, first token {d['ttft_ms']:.1f} ms"
+            if "compile_s" in d:
+                line += f" (compiled in {d['compile_s']:.0f} s)"
             if "fraction_of_bandwidth_limit" in d:
                 line += f", {100 * d['fraction_of_bandwidth_limit']:.0f}% of bandwidth limit"
             if "reference" in d:

@@ -28,6 +28,8 @@ def register(subparsers) -> None:
                    "included (fp32 and bf16; int8 is CPU only)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="with --device cuda: our decode steps replayed as one CUDA graph each")
+    p.add_argument("--compile", action="store_true",
+                   help="our decode steps through torch.compile (GPT-2 family; the compile time is reported apart)")
     p.add_argument("--linear-layout", action="store_true",
                    help="keep nn.Linear's (out, in) float weights instead of the faster (in, out) decode layout")
     p.add_argument("--no-reference", action="store_true", help="do not time transformers on the same weights")
@@ -55,6 +57,7 @@ def bench_command(args: argparse.Namespace) -> int:
         inference_layout=not args.linear_layout,
         device=args.device,
         cuda_graphs=args.cuda_graphs,
+        compile=args.compile,
     )
     for spec in args.models:
         check_preset(spec)  # before the progress bar starts

@@ -156,7 +156,7 @@ def speculative_generate(
 def _draft(draft: nn.Module, cache: KVCache, pending: list[int], k: int, config: GenerationConfig,
            generator: torch.Generator | None) -> tuple[list[int], torch.Tensor]:
     """k tokens from the draft, one forward each; returns them and the (k, V) scores they came from."""
-    device = cache.k.device
+    device = cache.device
     tokens, scores = [], []
     feed = pending
     for _ in range(k):

@@ -39,7 +39,7 @@ class ModelOutput:
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: (L, B, H, max_length, D).
+    """Preallocated keys and values, one (B, H, max_length, D) tensor each per layer.
 
     `length` is the number of positions already written. A model's forward writes its new
     positions at [length, length + T) for each layer, then advances `length`; setting `length`
@@ -49,30 +49,42 @@ class KVCache:
     a CUDA graph needs: the one new position goes to slot `write_at`, read from the tensor on the
     device rather than from `length`, and `update` returns every slot; the caller's attention mask
     says which slots hold tokens. `length` is then the caller's to keep.
+
+    Separate tensors per layer, not one (L, ...) tensor: torch.compile writes a slice of a
+    tensor it is given in place, but a slice of one layer of a stacked tensor made it copy the
+    whole cache twice per step (6.6 ms against 0.13 ms for a distilgpt2-sized 1024-slot cache).
     """
 
     def __init__(self, n_layer, batch_size, n_head, max_length, head_dim, dtype, device) -> None:
-        shape = (n_layer, batch_size, n_head, max_length, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch_size, n_head, max_length, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.length = 0
         self.write_at: torch.Tensor | None = None
 
     @property
     def max_length(self) -> int:
-        return self.k.size(3)
+        return self.keys[0].size(2)
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].size(0)
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys[0].device
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write (B, H, T, D) new keys/values of `layer`; return all (B, H, length + T, D)
         (with `write_at`: T is 1, and all (B, H, max_length, D) come back)."""
+        keys, values = self.keys[layer], self.values[layer]
         if self.write_at is not None:
-            self.k[layer].index_copy_(2, self.write_at.view(1), k)
-            self.v[layer].index_copy_(2, self.write_at.view(1), v)
-            return self.k[layer], self.v[layer]
+            keys.index_copy_(2, self.write_at.view(1), k)
+            values.index_copy_(2, self.write_at.view(1), v)
+            return keys, values
         start, end = self.length, self.length + k.size(2)
         if end > self.max_length:
             raise ValueError(f"KV cache holds {self.max_length} positions; {end} were asked for.")
-        keys, values = self.k[layer], self.v[layer]
         keys.narrow(2, start, end - start).copy_(k)
         values.narrow(2, start, end - start).copy_(v)
         return keys.narrow(2, 0, end), values.narrow(2, 0, end)

@@ -70,9 +70,10 @@ def pipeline(
             head = "masked-lm"  # as transformers loads AutoModelForMaskedLM
         model = load_model(directory, task=head, dtype=dtype, device=device)
         tokenizer = tokenizer if tokenizer is not None else directory
-    if quantize or directory is not None:
-        # Few-row products (decoding, short texts) run faster on a CPU with prepacked weights; the
-        # layout changes only for models loaded here, which nobody else holds.
+    # Few-row products (decoding, short texts) run faster on a CPU with prepacked weights; the
+    # layout changes only for models loaded here, which nobody else holds. With compile=True the
+    # float layers stay nn.Linear: torch.compile then lays the weights out for its own kernels.
+    if quantize or (directory is not None and not kwargs.get("compile")):
         from distillery.generation.quantize import prepare_for_inference
 
         model = prepare_for_inference(model, int8=quantize)

