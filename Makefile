@@ -29,6 +29,7 @@ test: venv lint
 
 bench: venv
 	$(BIN)/python bench/bench_decode.py
+	$(BIN)/python bench/bench_decode.py --compile
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

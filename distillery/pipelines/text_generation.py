@@ -83,7 +83,7 @@ class TextGenerationPipeline:
         self.generation_defaults = {**checkpoint_generation_defaults(model), **(generation_defaults or {})}
         _check_generation_args(generate_kwargs)
         self.generate_kwargs = generate_kwargs
-        check_step_options(model.device, compile, cuda_graphs)  # now, not at the first call
+        check_step_options(model, compile, cuda_graphs)  # now, not at the first call
         self.compile = compile
         self.cuda_graphs = cuda_graphs
 

@@ -217,6 +217,8 @@ def test_generate_with_draft_equals_the_target_alone(capsys, gpt2_dir, tmp_path,
 def test_generate_compiled_equals_eager(capsys, gpt2_dir):
     argv = ("generate", gpt2_dir, "Hello there", "--max-new-tokens", "6", "--greedy")
     assert run_json(capsys, *argv, "--compile") == run_json(capsys, *argv)
+    code, out, err = run(capsys, *argv, "--compile", "--dtype", "int8")
+    assert_one_line_error(code, err, "torch.compile makes int8 decoding slower")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
