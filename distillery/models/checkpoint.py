@@ -109,6 +109,9 @@ def _offline() -> bool:
 def read_config(directory: Path) -> dict[str, Any]:
     file = directory / CONFIG_NAME
     if not file.is_file():
+        if (directory / "model" / CONFIG_NAME).is_file():  # a training run's folder: its model is in model/
+            raise CheckpointError(f"{directory} has no {CONFIG_NAME} but holds a trained model; pass "
+                                  f"{directory / 'model'} instead.")
         raise CheckpointError(f"{directory} has no {CONFIG_NAME}; a model folder needs one (save it with "
                               "save_pretrained).")
     try:

@@ -124,8 +124,8 @@ def _speculative(args: argparse.Namespace, generator, options: dict[str, Any]) -
     unsupported = [k for k in ("repetition_penalty", "num_return_sequences") if options.get(k, 1) != 1]
     unsupported += [k for k in ("compile", "cuda_graphs") if getattr(args, k)]
     if unsupported:
-        raise DistilleryError(f"--draft does not support {', '.join('--' + k.replace('_', '-') for k in unsupported)}; "
-                              "leave them out.")
+        flags = [f"--{k.replace('_', '-')}" for k in unsupported]
+        raise DistilleryError(f"--draft does not support {', '.join(flags)}; leave {'them' if len(flags) > 1 else 'it'} out.")
     config = generator.generation_config(**{k: v for k, v in options.items()
                                             if k not in ("stop", "return_full_text", "truncation")})
     draft_dtype = args.draft_dtype or args.dtype

@@ -70,7 +70,8 @@ class TextGenerationPipeline:
     def __init__(self, model: Pretrained, tokenizer, generation_defaults: dict[str, Any] | None = None,
                  compile: bool = False, cuda_graphs: bool = False, **generate_kwargs: Any) -> None:
         """`generation_defaults`: the checkpoint's settings (see `checkpoint_generation_defaults`);
-        `compile`: decode steps through torch.compile (engine.compiled_decode_step);
+        `compile`: decode steps through torch.compile (engine.compiled_decode_step; pipeline() then keeps
+        the float layers as nn.Linear for it);
         `cuda_graphs`: decode steps replayed as a CUDA graph (engine.FixedShapeDecodeStep; CUDA only);
         `generate_kwargs` (max_new_tokens=..., ...) apply to every call unless the call overrides them."""
         if not hasattr(model, "new_cache"):

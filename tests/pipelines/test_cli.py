@@ -187,6 +187,10 @@ def test_info_errors(capsys, tmp_path):
     (tmp_path / "config.json").unlink()
     code, _, err = run(capsys, "info", tmp_path)
     assert_one_line_error(code, err, "has no config.json")
+    (tmp_path / "model").mkdir()  # a training run's folder: the model is in model/
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    code, _, err = run(capsys, "info", tmp_path)
+    assert_one_line_error(code, err, f"holds a trained model; pass {tmp_path / 'model'} instead")
 
 
 def test_console_entry_point_exit_code(tmp_path):
