@@ -101,6 +101,8 @@ def generate_command(args: argparse.Namespace) -> int:
         set_seed(args.seed)
     if args.draft:
         return _speculative(args, generator, options)
+    if args.compile:  # long and silent otherwise: nothing can report torch.compile's progress
+        print("compiling the decode step with torch.compile (15-40 s on a CPU the first time)...", file=sys.stderr)
     outputs = generator(args.prompt, **options)
     if args.json:
         print_json(outputs)
