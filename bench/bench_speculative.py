@@ -1,7 +1,7 @@
 """Speculative decoding: a student drafting for its teacher vs the teacher alone, greedy, batch 1.
 
     python bench/bench_speculative.py TEACHER STUDENT [--k 4] [--new-tokens 64] [--dtype fp32]
-                                      [--draft-dtype int8]
+                                      [--draft-dtype int8] [--compile]
 
 Checks that the output is the teacher's own greedy output and prints tokens/s of both and the
 acceptance rate. TEACHER and STUDENT may be folders, hub ids or preset:NAME (random weights: the
@@ -12,13 +12,16 @@ tokens, a draft step) and prints what they allow: with acceptance a, a round yie
 (1 - a^(k+1)) / (1 - a) tokens for k draft steps and one verify pass, so the speed-up over the
 teacher alone is that many teacher steps divided by the round's cost; and the acceptance that
 1.5x would take. With presets this is the figure for real shapes, whose acceptance only trained
-weights can give.
+weights can give. `--compile` does the same against the teacher's passes through torch.compile
+(fp32, weights frozen into inductor's kernels, as `generate --compile` decodes): the faster the
+teacher alone, the less a draft can add.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -51,7 +54,12 @@ def inference_model(name: str, dtype: str) -> torch.nn.Module:
     return prepare_for_inference(model, int8=dtype == "int8")
 
 
-def pass_ms(model: torch.nn.Module, prompt: torch.Tensor, tokens: int, repeats: int = 20) -> float:
+def model_pass(model: torch.nn.Module, ids: torch.Tensor, cache, keep: int) -> torch.Tensor:
+    return model(ids, cache=cache, logits_to_keep=keep).logits
+
+
+def pass_ms(model: torch.nn.Module, prompt: torch.Tensor, tokens: int, repeats: int = 20,
+            forward: Callable = model_pass) -> float:
     """Milliseconds of one forward over `tokens` new tokens after `prompt`, from its KV cache."""
     new = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -60,8 +68,21 @@ def pass_ms(model: torch.nn.Module, prompt: torch.Tensor, tokens: int, repeats: 
 
         def one_pass() -> None:
             cache.length = prompt.size(1)
-            model(new, cache=cache, logits_to_keep=1 if tokens == 1 else 0)
+            forward(model, new, cache, 1 if tokens == 1 else 0)
         return best_time(one_pass, repeats) * 1e3
+
+
+def compiled_pass_ms(name: str, prompt: torch.Tensor, k: int) -> tuple[float, float]:
+    """(one-token step, pass over k + 1 tokens) in ms of the fp32 teacher through torch.compile, with
+    the weights frozen into inductor's kernels as `generate(..., compile=True)` runs its steps."""
+    from torch._inductor import config as inductor_config
+
+    from distillery.generation.engine import CPU_COMPILE_OPTIONS
+
+    model = load_bench_model(name).eval()  # plain nn.Linear: inductor lays the weights out itself
+    compiled = torch.compile(model_pass, dynamic=True)
+    with inductor_config.patch(CPU_COMPILE_OPTIONS):
+        return pass_ms(model, prompt, 1, forward=compiled), pass_ms(model, prompt, k + 1, forward=compiled)
 
 
 def modelled_speedup(acceptance: float, k: int, step_ms: float, verify_ms: float, draft_ms: float) -> float:
@@ -91,6 +112,8 @@ def main() -> None:
                         "unless --draft-dtype)")
     parser.add_argument("--draft-dtype", help="fp32, bf16 or int8 for the student (default: --dtype)")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs of each")
+    parser.add_argument("--compile", action="store_true", help="also time the fp32 teacher's passes through "
+                        "torch.compile (CPU) and model the round against the compiled teacher alone")
     args = parser.parse_args()
     teacher = inference_model(args.teacher, args.dtype)
     student = inference_model(args.student, args.draft_dtype or args.dtype)
@@ -120,6 +143,13 @@ def main() -> None:
     print(f"modelled from them: {modelled_speedup(rate, args.k, step, verify, draft):.2f}x at acceptance "
           f"{rate:.2f}; 1.5x " + (f"needs acceptance {needed:.2f}" if needed is not None
                                   else "is out of reach even if every drafted token were kept"))
+    if args.compile:
+        step, verify = compiled_pass_ms(args.teacher, ids, args.k)
+        needed = acceptance_needed(1.5, args.k, step, verify, draft)
+        print(f"compiled teacher: step {step:.2f} ms, over {args.k + 1} tokens {verify:.2f} ms; against it alone "
+              f"{modelled_speedup(rate, args.k, step, verify, draft):.2f}x at acceptance {rate:.2f}; 1.5x "
+              + (f"needs acceptance {needed:.2f}" if needed is not None
+                 else "is out of reach even if every drafted token were kept"))
 
 
 if __name__ == "__main__":
