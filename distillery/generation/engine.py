@@ -103,13 +103,19 @@ def compiled_decode_step(model: nn.Module) -> Callable:
     compiled = torch.compile(decode_step, dynamic=True)
     if model.device.type == "cpu":
         from torch._inductor import config as inductor_config
+        from torch._inductor.exc import InductorError
 
         options = inductor_config.patch(CPU_COMPILE_OPTIONS)
 
         def step(model: nn.Module, tokens: torch.Tensor, cache: KVCache,
                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-            with options:
-                return compiled(model, tokens, cache, attention_mask)
+            try:
+                with options:
+                    return compiled(model, tokens, cache, attention_mask)
+            except InductorError as e:  # e.g. no working C++ compiler: inductor builds C++ kernels on a CPU
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise DistilleryError(f"torch.compile could not build the decode step ({reason}); install a "
+                                      "working C++ compiler (g++) or leave compile off.") from e
     else:
         step = compiled
     model.__dict__["_compiled_decode_step"] = (step, versions)

@@ -292,6 +292,17 @@ def test_compiled_steps_equal_eager_steps_and_write_the_cache_in_place(tiny):
         generate(model, ids, mask, GenerationConfig(max_new_tokens=2), compile=True)
 
 
+def test_compile_without_a_cxx_compiler_is_one_sentence(tiny):
+    """On a CPU inductor builds C++ kernels; without a working compiler that is a clear error."""
+    from torch._inductor import config as inductor_config
+
+    model = copy.deepcopy(tiny[0]).eval()
+    no_compiler = {"cpp.cxx": (None, "/nonexistent/g++"), "force_disable_caches": True}  # no earlier build either
+    with inductor_config.patch(no_compiler), pytest.raises(
+            DistilleryError, match=r"torch.compile could not build the decode step \(.*C\+\+ compiler"):
+        generate(model, PROMPT, None, GenerationConfig(max_new_tokens=3), compile=True)
+
+
 def test_cuda_graphs_are_refused_off_a_gpu_and_with_compile(tiny):
     ours, _ = tiny
     with pytest.raises(ConfigError, match="CUDA graphs need the model on a CUDA GPU; load it with device='cuda'"):
