@@ -276,7 +276,9 @@ def _positions_and_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     S = past + T
     if attention_mask is not None and attention_mask.shape != (B, S):
         raise ValueError(f"attention_mask must have shape {(B, S)}, got {tuple(attention_mask.shape)}.")
-    padded = attention_mask is not None and not bool(attention_mask.all())  # one host sync, not two
+    # One host sync, not two; none under torch.compile, where reading it would break the graph (the
+    # padded path gives the same result for a mask of ones).
+    padded = attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all()))
     if position_ids is None:
         if padded:
             # Padding: number real tokens from 0, as transformers' generate does.
