@@ -17,6 +17,7 @@ length limit is reached.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable, Iterator
 
 import torch
@@ -100,7 +101,11 @@ def compiled_decode_step(model: nn.Module) -> Callable:
                 "leave compile off."
             )
         return step
-    compiled = torch.compile(decode_step, dynamic=True)
+    # Dynamo keeps compiled code, and its limit of 8 recompilations, per code object; compiling a
+    # copy of decode_step's gives each model its own instead of all models sharing one.
+    own_copy = types.FunctionType(decode_step.__code__.replace(), decode_step.__globals__, decode_step.__name__,
+                                  decode_step.__defaults__)
+    compiled = torch.compile(own_copy, dynamic=True)
     if model.device.type == "cpu":
         from torch._inductor import config as inductor_config
         from torch._inductor.exc import InductorError
