@@ -21,8 +21,9 @@ from distillery.cli import main
 
 CAUSAL_LMS = ["preset:distilgpt2", "preset:gpt2"]
 MODELS = [*CAUSAL_LMS, "preset:distilroberta-base"]
-DEFAULTS = ["--dtype", "fp32,int8", "--batch", "1,8", "--new-tokens", "32"]
-COMPILED_DEFAULTS = ["--dtype", "fp32", "--batch", "1,8", "--new-tokens", "32"]
+SHAPES = ["--batch", "1,8", "--new-tokens", "32"]
+DEFAULTS = ["--dtype", "fp32,int8", *SHAPES]
+COMPILED_DEFAULTS = ["--dtype", "fp32", *SHAPES]
 
 if __name__ == "__main__":
     extra = sys.argv[1:]

@@ -27,7 +27,7 @@ import torch
 
 from distillery.generation.bench import best_time, load_bench_model
 from distillery.generation.config import GenerationConfig
-from distillery.generation.engine import generate
+from distillery.generation.engine import compile_with_frozen_weights, generate
 from distillery.generation.quantize import prepare_for_inference, quantize_model
 from distillery.generation.speculative import speculative_generate
 
@@ -75,14 +75,9 @@ def pass_ms(model: torch.nn.Module, prompt: torch.Tensor, tokens: int, repeats: 
 def compiled_pass_ms(name: str, prompt: torch.Tensor, k: int) -> tuple[float, float]:
     """(one-token step, pass over k + 1 tokens) in ms of the fp32 teacher through torch.compile, with
     the weights frozen into inductor's kernels as `generate(..., compile=True)` runs its steps."""
-    from torch._inductor import config as inductor_config
-
-    from distillery.generation.engine import CPU_COMPILE_OPTIONS
-
     model = load_bench_model(name).eval()  # plain nn.Linear: inductor lays the weights out itself
-    compiled = torch.compile(model_pass, dynamic=True)
-    with inductor_config.patch(CPU_COMPILE_OPTIONS):
-        return pass_ms(model, prompt, 1, forward=compiled), pass_ms(model, prompt, k + 1, forward=compiled)
+    compiled = compile_with_frozen_weights(model_pass, model.device)
+    return pass_ms(model, prompt, 1, forward=compiled), pass_ms(model, prompt, k + 1, forward=compiled)
 
 
 def modelled_speedup(acceptance: float, k: int, step_ms: float, verify_ms: float, draft_ms: float) -> float:
@@ -137,20 +132,21 @@ def main() -> None:
 
     step, verify, draft = pass_ms(teacher, ids, 1), pass_ms(teacher, ids, args.k + 1), pass_ms(student, ids, 1)
     rate = stats["acceptance_rate"]
-    needed = acceptance_needed(1.5, args.k, step, verify, draft)
     print(f"passes: teacher step {step:.2f} ms, teacher over {args.k + 1} tokens {verify:.2f} ms, "
           f"draft step {draft:.2f} ms ({draft / step:.2f} of a teacher step)")
-    print(f"modelled from them: {modelled_speedup(rate, args.k, step, verify, draft):.2f}x at acceptance "
-          f"{rate:.2f}; 1.5x " + (f"needs acceptance {needed:.2f}" if needed is not None
-                                  else "is out of reach even if every drafted token were kept"))
+    print("modelled from them: " + round_model(rate, args.k, step, verify, draft))
     if args.compile:
         step, verify = compiled_pass_ms(args.teacher, ids, args.k)
-        needed = acceptance_needed(1.5, args.k, step, verify, draft)
         print(f"compiled teacher: step {step:.2f} ms, over {args.k + 1} tokens {verify:.2f} ms; against it alone "
-              f"{modelled_speedup(rate, args.k, step, verify, draft):.2f}x at acceptance {rate:.2f}; 1.5x "
-              + (f"needs acceptance {needed:.2f}" if needed is not None
-                 else "is out of reach even if every drafted token were kept"))
+              + round_model(rate, args.k, step, verify, draft))
 
+
+def round_model(rate: float, k: int, step: float, verify: float, draft: float) -> str:
+    """The modelled speed-up at the measured acceptance, and the acceptance 1.5x needs."""
+    needed = acceptance_needed(1.5, k, step, verify, draft)
+    return (f"{modelled_speedup(rate, k, step, verify, draft):.2f}x at acceptance {rate:.2f}; 1.5x "
+            + (f"needs acceptance {needed:.2f}" if needed is not None
+               else "is out of reach even if every drafted token were kept"))
 
 if __name__ == "__main__":
     main()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -78,6 +79,29 @@ CPU_COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gem
                        "autotune_num_choices_displayed": 0}
 
 
+def compile_with_frozen_weights(fn: Callable, device: torch.device) -> Callable:
+    """`fn` (a pass of a model on `device`) through torch.compile with dynamic shapes. On a CPU,
+    `CPU_COMPILE_OPTIONS` are on around each call, and inductor failing to build its C++ kernels
+    (no working compiler) becomes one sentence; elsewhere it is plain torch.compile."""
+    compiled = torch.compile(fn, dynamic=True)
+    if device.type != "cpu":
+        return compiled
+    from torch._inductor import config as inductor_config
+    from torch._inductor.exc import InductorError
+
+    options = inductor_config.patch(CPU_COMPILE_OPTIONS)
+
+    def call(*args: Any) -> Any:
+        try:
+            with options:
+                return compiled(*args)
+        except InductorError as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DistilleryError(f"torch.compile could not build the decode step ({reason}); install a "
+                                  "working C++ compiler (g++) or leave compile off.") from e
+    return call
+
+
 def compiled_decode_step(model: nn.Module) -> Callable:
     """`decode_step` through `torch.compile` for `model`, made on first use and kept on the model.
 
@@ -105,24 +129,7 @@ def compiled_decode_step(model: nn.Module) -> Callable:
     # copy of decode_step's gives each model its own instead of all models sharing one.
     own_copy = types.FunctionType(decode_step.__code__.replace(), decode_step.__globals__, decode_step.__name__,
                                   decode_step.__defaults__)
-    compiled = torch.compile(own_copy, dynamic=True)
-    if model.device.type == "cpu":
-        from torch._inductor import config as inductor_config
-        from torch._inductor.exc import InductorError
-
-        options = inductor_config.patch(CPU_COMPILE_OPTIONS)
-
-        def step(model: nn.Module, tokens: torch.Tensor, cache: KVCache,
-                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-            try:
-                with options:
-                    return compiled(model, tokens, cache, attention_mask)
-            except InductorError as e:  # e.g. no working C++ compiler: inductor builds C++ kernels on a CPU
-                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise DistilleryError(f"torch.compile could not build the decode step ({reason}); install a "
-                                      "working C++ compiler (g++) or leave compile off.") from e
-    else:
-        step = compiled
+    step = compile_with_frozen_weights(own_copy, model.device)
     model.__dict__["_compiled_decode_step"] = (step, versions)
     return step
 
