@@ -12,6 +12,7 @@ import argparse
 import importlib
 import inspect
 import json
+import math
 import os
 import sys
 from typing import Any
@@ -40,18 +41,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The docstring as written, and "(default: X)" after every option that has a default and
+    does not state it already (flags that are off by default say nothing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if (action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
+                and "default" not in help_text and action.nargs != 0):
+            help_text += " (default: %(default)s)"
+        return help_text
+
+
 def add_command(subparsers, name: str, func, **kwargs: Any) -> argparse.ArgumentParser:
     """A subcommand whose help is the first paragraph of `func`'s docstring."""
     doc = inspect.cleandoc(func.__doc__ or "")
     summary = doc.split("\n\n")[0].replace("\n", " ")
-    p = subparsers.add_parser(name, help=summary, description=doc,
-                              formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+    p = subparsers.add_parser(name, help=summary, description=doc, formatter_class=HelpFormatter, **kwargs)
     p.set_defaults(func=func)
     return p
 
 
+def json_safe(obj: Any) -> Any:
+    """`obj` as strict JSON values: NaN and infinities become null, with "<key>_reason" beside them
+    in a mapping (JSON has no NaN; Python's json would write a bare NaN that other parsers reject);
+    tensors and numpy values become numbers and lists; paths and other objects their text."""
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        safe: dict[str, Any] = {}
+        for key, value in obj.items():
+            safe[str(key)] = json_safe(value)
+            if isinstance(value, float) and not math.isfinite(value) or _is_nonfinite_scalar(value):
+                safe[f"{key}_reason"] = f"not a finite number ({float(value)})"
+        return safe
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # torch tensors, numpy arrays and scalars
+        return json_safe(obj.tolist())
+    return str(obj)
+
+
+def _is_nonfinite_scalar(value: Any) -> bool:
+    if isinstance(value, (bool, int, float, str)) or not hasattr(value, "tolist"):
+        return False
+    item = value.tolist()
+    return isinstance(item, float) and not math.isfinite(item)
+
+
 def print_json(obj: Any) -> None:
-    json.dump(obj, sys.stdout, indent=2, ensure_ascii=False, default=str)
+    """Print `obj` as strict JSON (see `json_safe`)."""
+    json.dump(json_safe(obj), sys.stdout, indent=2, ensure_ascii=False, allow_nan=False)
     sys.stdout.write("\n")
 
 
@@ -66,6 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as e:
+        # The file system said no (a read-only folder, a file where a folder is needed): the
+        # user's to fix, so one line naming the path, not a traceback.
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"distillery {args.command}: error: {where}{e.strerror or e}; check the path and its permissions.",
+              file=sys.stderr)
+        return 2
     except BrokenPipeError:
         # The reader went away (`distillery ... | head`): stop quietly, as Unix tools do. Output
         # still buffered would fail again at exit, so stdout goes to /dev/null first.
