@@ -17,7 +17,12 @@ from distillery.models.common import DistilleryError, Pretrained
 BLOCK_KEY = {
     "gpt2": re.compile(r"^(blocks\.)(\d+)(\..*)$"),
     "roberta": re.compile(r"^((?:roberta\.)?layers\.)(\d+)(\..*)$"),
+    "bert": re.compile(r"^((?:bert\.)?layers\.)(\d+)(\..*)$"),
+    "distilbert": re.compile(r"^((?:distilbert\.)?layers\.)(\d+)(\..*)$"),
 }
+# The config field that holds each family's number of blocks.
+LAYER_FIELD = {"gpt2": "n_layer", "roberta": "num_hidden_layers", "bert": "num_hidden_layers",
+               "distilbert": "n_layers"}
 
 
 def default_student_layers(n_teacher_layers: int) -> list[int]:
@@ -41,6 +46,11 @@ def check_student_layers(layers: list[int], n_teacher_layers: int) -> None:
     """Raise DistilleryError unless `layers` are distinct teacher layer indices in increasing order."""
     if not layers:
         raise DistilleryError("--layers is empty; name at least one teacher layer, e.g. --layers 0,2,4.")
+    if len(layers) > n_teacher_layers:
+        raise DistilleryError(
+            f"--layers names {len(layers)} layers but the teacher has only {n_teacher_layers}; a student "
+            "keeps at most as many layers as its teacher."
+        )
     bad = [i for i in layers if not 0 <= i < n_teacher_layers]
     if bad:
         raise DistilleryError(
@@ -78,9 +88,8 @@ def make_student(teacher: Pretrained, layers: list[int] | None = None) -> Pretra
     n = teacher.config.num_layers
     layers = list(layers) if layers is not None else default_student_layers(n)
     check_student_layers(layers, n)
-    layer_field = "n_layer" if teacher.family == "gpt2" else "num_hidden_layers"
     extra = {**teacher.config.extra, "teacher_layers": layers}
-    config = dataclasses.replace(teacher.config, **{layer_field: len(layers)}, extra=extra)
+    config = dataclasses.replace(teacher.config, **{LAYER_FIELD[teacher.family]: len(layers)}, extra=extra)
     student = build_model(config, teacher.task)
 
     student_of_teacher = {t: s for s, t in enumerate(layers)}

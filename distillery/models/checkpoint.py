@@ -11,14 +11,15 @@ import json
 import os
 import pickle
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from distillery.models import gpt2, roberta
+from distillery.models import bert, distilbert, gpt2, roberta
 from distillery.models.common import DistilleryError, Pretrained
 
 CONFIG_NAME = "config.json"
@@ -31,23 +32,64 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 HUB_PATTERNS = [
     "config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
     "pytorch_model*.bin", "pytorch_model.bin.index.json", "tokenizer.json", "tokenizer_config.json",
-    "vocab.json", "merges.txt", "special_tokens_map.json",
+    "vocab.json", "merges.txt", "vocab.txt", "special_tokens_map.json",
 ]
 
-ARCHITECTURE_TASKS = {
-    "GPT2LMHeadModel": ("gpt2", "causal-lm"),
-    "GPT2Model": ("gpt2", "causal-lm"),
-    "RobertaModel": ("roberta", "base"),
-    "RobertaForMaskedLM": ("roberta", "masked-lm"),
-    "RobertaForSequenceClassification": ("roberta", "sequence-classification"),
-    "RobertaForTokenClassification": ("roberta", "token-classification"),
-    "RobertaForQuestionAnswering": ("roberta", "question-answering"),
+
+@dataclass(frozen=True)
+class Family:
+    """What the checkpoint boundary knows of one model family; the family's file knows the rest."""
+
+    config: type  # the config dataclass, with from_hf / to_hf
+    heads: dict[str, type[Pretrained]]  # task -> model class; the first is a checkpoint's default
+    architectures: dict[str, str]  # transformers class -> task; the first per task is written on save
+    hf_to_ours: Callable[[dict[str, torch.Tensor], str], dict[str, torch.Tensor]]  # (state, task)
+    ours_to_hf: Callable[[dict[str, torch.Tensor], str], dict[str, torch.Tensor]]
+    presets: dict[str, dict[str, Any]]  # name -> config fields (config.from_preset builds them)
+    # Our key prefixes that belong to a head: absent from a checkpoint of another head (initialised
+    # afresh) or present for a head we do not build (dropped). Everything else must match exactly.
+    head_keys: tuple[str, ...] = ()
+    new_model_task: str = ""  # what build_model makes when no task is named
+
+
+def _encoder_architectures(prefix: str) -> dict[str, str]:
+    """transformers' names for the five encoder heads: RobertaModel, RobertaForMaskedLM, ..."""
+    return {f"{prefix}Model": "base", f"{prefix}ForMaskedLM": "masked-lm",
+            f"{prefix}ForSequenceClassification": "sequence-classification",
+            f"{prefix}ForTokenClassification": "token-classification",
+            f"{prefix}ForQuestionAnswering": "question-answering"}
+
+
+# model_type -> family: adding a family touches this table and the family's own file.
+FAMILIES: dict[str, Family] = {
+    "gpt2": Family(
+        gpt2.GPT2Config, {"causal-lm": gpt2.GPT2},
+        {"GPT2LMHeadModel": "causal-lm", "GPT2Model": "causal-lm"},
+        lambda state, task: gpt2.hf_to_ours(state), lambda state, task: gpt2.ours_to_hf(state), gpt2.GPT2_PRESETS,
+        new_model_task="causal-lm",
+    ),
+    "roberta": Family(
+        roberta.RobertaConfig, roberta.HEADS, _encoder_architectures("Roberta"),
+        roberta.hf_to_ours, roberta.ours_to_hf, roberta.ROBERTA_PRESETS,
+        head_keys=("lm_dense.", "lm_ln.", "lm_decoder.", "cls_dense.", "cls_out.", "qa_out.", "pooler."),
+        new_model_task="masked-lm",
+    ),
+    "bert": Family(
+        bert.BertConfig, bert.HEADS, {**_encoder_architectures("Bert"), "BertForPreTraining": "masked-lm"},
+        bert.hf_to_ours, bert.ours_to_hf, bert.BERT_PRESETS, head_keys=bert.HEAD_KEYS, new_model_task="masked-lm",
+    ),
+    "distilbert": Family(
+        distilbert.DistilBertConfig, distilbert.HEADS, _encoder_architectures("DistilBert"),
+        distilbert.hf_to_ours, distilbert.ours_to_hf, distilbert.DISTILBERT_PRESETS, head_keys=distilbert.HEAD_KEYS,
+        new_model_task="masked-lm",
+    ),
 }
-TASK_ARCHITECTURES = {
-    ("gpt2", "causal-lm"): "GPT2LMHeadModel",
-    **{("roberta", task): arch for arch, (fam, task) in ARCHITECTURE_TASKS.items() if fam == "roberta"},
-}
-FAMILY_TASKS = {"gpt2": ["causal-lm"], "roberta": list(roberta.HEADS)}
+# The same table seen from transformers' class names and from our (family, task) pairs.
+ARCHITECTURE_TASKS = {arch: (fam, task) for fam, f in FAMILIES.items() for arch, task in f.architectures.items()}
+TASK_ARCHITECTURES: dict[tuple[str, str], str] = {}
+for _arch, _key in ARCHITECTURE_TASKS.items():
+    TASK_ARCHITECTURES.setdefault(_key, _arch)
+FAMILY_TASKS = {fam: list(f.heads) for fam, f in FAMILIES.items()}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -195,28 +237,48 @@ def _read_file(file: Path) -> dict[str, torch.Tensor]:
 
 
 def config_from_hf(family: str, hf: dict[str, Any]):
-    return gpt2.GPT2Config.from_hf(hf) if family == "gpt2" else roberta.RobertaConfig.from_hf(hf)
+    return FAMILIES[family].config.from_hf(hf)
+
+
+def family_of_config(config) -> str:
+    """The model_type of a config object (GPT2Config -> "gpt2", BertConfig -> "bert", ...)."""
+    for family, f in FAMILIES.items():
+        if type(config) is f.config:
+            return family
+    raise CheckpointError(f"{type(config).__name__} is not a distillery model config; pass one of "
+                          f"{[f.config.__name__ for f in FAMILIES.values()]}.")
 
 
 def build_model(config, task: str | None = None) -> Pretrained:
-    """A freshly initialised model for a GPT2Config or RobertaConfig (and a RoBERTa task)."""
-    if isinstance(config, gpt2.GPT2Config):
-        if task not in (None, "causal-lm"):
-            raise CheckpointError(f"GPT-2 models only do causal-lm, not {task!r}.")
-        return gpt2.GPT2(config)
-    task = task or "masked-lm"
-    if task not in roberta.HEADS:
-        raise CheckpointError(f"task {task!r} does not exist for roberta models; choose one of {list(roberta.HEADS)}.")
-    return roberta.HEADS[task](config)
+    """A freshly initialised model for a config (GPT2Config, RobertaConfig, BertConfig, DistilBertConfig)
+    and a task; without a task, causal-lm for GPT-2 and masked-lm for the encoders."""
+    family = family_of_config(config)
+    heads = FAMILIES[family].heads
+    task = task or FAMILIES[family].new_model_task
+    if task not in heads:
+        raise CheckpointError(f"task {task!r} does not exist for {family} models; choose one of {list(heads)}.")
+    return heads[task](config)
+
+
+def preset_config(name: str, **overrides: Any):
+    """The config of a named preset of any family ("distilgpt2", "bert-base-uncased", ...)."""
+    for f in FAMILIES.values():
+        if name in f.presets:
+            return f.config.from_preset(name, **overrides)
+    raise CheckpointError(f"Unknown preset {name!r}; choose one of {preset_names()}.")
+
+
+def preset_names() -> list[str]:
+    """Every preset name, family by family."""
+    return [name for f in FAMILIES.values() for name in sorted(f.presets)]
 
 
 def to_ours(family: str, task: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return gpt2.hf_to_ours(state) if family == "gpt2" else roberta.hf_to_ours(state, task)
+    return FAMILIES[family].hf_to_ours(state, task)
 
 
 def to_hf(model: Pretrained) -> dict[str, torch.Tensor]:
-    state = model.state_dict()
-    return gpt2.ours_to_hf(state) if model.family == "gpt2" else roberta.ours_to_hf(state, model.task)
+    return FAMILIES[model.family].ours_to_hf(model.state_dict(), model.task)
 
 
 def load_model(
@@ -225,9 +287,9 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
 ) -> Pretrained:
-    """Load a GPT-2 or RoBERTa checkpoint (local folder or hub id) into a distillery model.
+    """Load a GPT-2, RoBERTa, BERT or DistilBERT checkpoint (local folder or hub id) into a distillery model.
 
-    `task` picks the head for RoBERTa ("masked-lm", "sequence-classification", ...); by default the
+    `task` picks an encoder's head ("base", "masked-lm", "sequence-classification", ...); by default the
     one config.json's architectures name. A head the checkpoint lacks is freshly initialised (as
     when fine-tuning a masked LM for classification); any other missing, unexpected or mis-shaped
     tensor is an error naming it.
@@ -260,10 +322,11 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 def load_hf_state_dict(model: Pretrained, their_state: dict[str, torch.Tensor], source: Path | str) -> None:
     """Copy a Hugging Face-layout state dict into `model`, naming every key that does not fit."""
     family, task = model.family, model.task
+    head_keys = FAMILIES[family].head_keys
     for key, tensor in their_state.items():
         if not isinstance(tensor, torch.Tensor):
             raise CheckpointError(f"{source}: entry {key!r} is not a tensor.")
-    ours = to_ours(family, task, their_state)  # whole: RoBERTa stacks query, key and value
+    ours = to_ours(family, task, their_state)  # whole: the encoders stack query, key and value
 
     def their_name(name: str) -> str:
         """The checkpoint's key behind one of ours, for error messages (ours for a stacked tensor)."""
@@ -272,13 +335,12 @@ def load_hf_state_dict(model: Pretrained, their_state: dict[str, torch.Tensor], 
     expected = model.state_dict()
     # Tied weights appear once in the checkpoint.
     tied = {"lm_head.weight", "lm_decoder.weight"}
-    head_prefixes = ("lm_dense.", "lm_ln.", "lm_decoder.", "cls_dense.", "cls_out.", "qa_out.")
     missing = [k for k in expected if k not in ours and k not in tied]
     unexpected = [k for k in ours if k not in expected]
-    # A RoBERTa checkpoint of another head: keep the encoder, initialise our head, drop theirs.
-    new_head = [k for k in missing if k.startswith(head_prefixes)]
+    # An encoder checkpoint of another head: keep the encoder, initialise our head, drop theirs.
+    new_head = [k for k in missing if k.startswith(head_keys)]
     missing = [k for k in missing if k not in new_head]
-    dropped = [k for k in unexpected if k.startswith(head_prefixes)] if new_head or family == "roberta" else []
+    dropped = [k for k in unexpected if k.startswith(head_keys)]
     unexpected = [k for k in unexpected if k not in dropped]
     if missing:
         raise CheckpointError(

@@ -60,8 +60,8 @@ def test_unknown_model_type(tiny_gpt2_dir):
     config = json.loads((tiny_gpt2_dir / "config.json").read_text())
     config["model_type"] = "llama"
     (tiny_gpt2_dir / "config.json").write_text(json.dumps(config))
-    with pytest.raises(DistilleryError, match=r"model_type 'llama' is not supported; distillery runs \['gpt2', "
-                                              r"'roberta'\]"):
+    with pytest.raises(DistilleryError, match=r"model_type 'llama' is not supported; distillery runs \['bert', "
+                                              r"'distilbert', 'gpt2', 'roberta'\]"):
         load_model(tiny_gpt2_dir)
 
 
