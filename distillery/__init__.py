@@ -7,7 +7,9 @@
 
 from distillery.models import (
     GPT2,
+    BertConfig,
     ConfigError,
+    DistilBertConfig,
     DistilleryError,
     GPT2Config,
     RobertaConfig,
@@ -15,8 +17,8 @@ from distillery.models import (
     load_model,
 )
 
-__all__ = ["GPT2", "GPT2Config", "RobertaConfig", "ConfigError", "DistilleryError", "build_model",
-           "load_model", "load_tokenizer", "pipeline", "set_seed"]
+__all__ = ["GPT2", "GPT2Config", "RobertaConfig", "BertConfig", "DistilBertConfig", "ConfigError",
+           "DistilleryError", "build_model", "load_model", "load_tokenizer", "pipeline", "set_seed"]
 
 
 def __getattr__(name: str):

@@ -122,3 +122,25 @@ def test_cli_student_copies_the_teachers_tokenizer(tmp_path, capsys):
     assert "teacher layers [1, 2] of 4" in capsys.readouterr().out
     assert load_tokenizer(tmp_path / "s").fingerprint() == tokenizer.fingerprint()
     assert main(["student", str(teacher_dir), "--out", str(teacher_dir)]) == 2
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_cli_student_of_a_bert_family_teacher(tmp_path, capsys, family):
+    import transformers
+
+    torch.manual_seed(0)
+    if family == "bert":
+        config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                         intermediate_size=37, max_position_embeddings=40)
+        transformers.BertForMaskedLM(config).save_pretrained(tmp_path / "t")
+    else:
+        config = transformers.DistilBertConfig(vocab_size=99, dim=32, n_layers=4, n_heads=4, hidden_dim=37,
+                                               max_position_embeddings=40)
+        transformers.DistilBertForMaskedLM(config).save_pretrained(tmp_path / "t")
+    assert main(["student", str(tmp_path / "t"), "--out", str(tmp_path / "s"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["family"], report["task"], report["layers"]) == (family, "masked-lm", [0, 3])
+    student = load_model(tmp_path / "s")
+    assert student.config.num_layers == 2 and teacher_layers_of(student) == [0, 3]
+    assert main(["student", str(tmp_path / "t"), "--layers", "0,1,2,3,3", "--out", str(tmp_path / "s2")]) == 2
+    assert "--layers names 5 layers but the teacher has only 4" in capsys.readouterr().err
