@@ -1,4 +1,4 @@
-"""Byte-level BPE tokenizers (GPT-2 and RoBERTa conventions) on the `tokenizers` library."""
+"""Tokenizers on the `tokenizers` library: byte-level BPE (GPT-2, RoBERTa conventions) and WordPiece (BERT)."""
 
 from distillery.tokenizer.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 from distillery.tokenizer.training import train_tokenizer

@@ -1,4 +1,4 @@
-"""`distillery tokenizer train`: train a byte-level BPE tokenizer on text files."""
+"""`distillery tokenizer train`: train a byte-level BPE or WordPiece tokenizer on text files."""
 
 from __future__ import annotations
 
@@ -6,39 +6,48 @@ import argparse
 import os
 import time
 
-from distillery.tokenizer.tokenizer import STYLES
+from distillery.tokenizer.tokenizer import STYLES, TokenizerError
 
 
 def register(subparsers) -> None:
     """Add `tokenizer` and its subcommands to the CLI."""
     from distillery.cli import add_command
 
-    group = subparsers.add_parser("tokenizer", help="Train byte-level BPE tokenizers.",
-                                  description="Train byte-level BPE tokenizers.")
+    group = subparsers.add_parser("tokenizer", help="Train byte-level BPE and WordPiece tokenizers.",
+                                  description="Train byte-level BPE and WordPiece tokenizers.")
     commands = group.add_subparsers(dest="tokenizer_command", metavar="COMMAND", required=True)
     p = add_command(commands, "train", train)
-    p.add_argument("files", nargs="+", metavar="FILES", help="UTF-8 text files to learn the merges from")
+    p.add_argument("files", nargs="+", metavar="FILES", help="UTF-8 text files to learn the vocabulary from")
     p.add_argument("--vocab-size", type=int, required=True, help="number of ids, special tokens included")
     p.add_argument("--style", choices=STYLES, default="gpt2",
-                   help="gpt2: <|endoftext|> (id 0); roberta: <s> <pad> </s> <unk> <mask> (ids 0-4)")
+                   help="gpt2: byte-level BPE, <|endoftext|> (id 0); roberta: byte-level BPE, <s> <pad> </s> "
+                        "<unk> <mask> (ids 0-4); bert: WordPiece, [PAD] [UNK] [CLS] [SEP] [MASK] (ids 0-4)")
+    p.add_argument("--cased", action="store_true",
+                   help="bert style: keep upper case and accents, as BERT's cased vocabularies do (without it: "
+                        "lower-cased, accents stripped)")
     p.add_argument("--out", required=True, help="folder to save the tokenizer files in")
     p.add_argument("--model-max-length", type=int, default=None,
-                   help="longest input the model takes (default: 1024 for gpt2, 512 for roberta)")
+                   help="longest input the model takes (default: 1024 for gpt2, 512 for roberta and bert)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def train(args: argparse.Namespace) -> int:
-    """Train a byte-level BPE tokenizer on FILES and save it to --out.
+    """Train a byte-level BPE (gpt2, roberta) or WordPiece (bert) tokenizer on FILES and save it to --out.
 
-    The folder holds tokenizer.json, vocab.json, merges.txt, tokenizer_config.json and
-    special_tokens_map.json, which distillery and transformers' AutoTokenizer both load.
+    The folder holds tokenizer.json, the vocabulary (vocab.json + merges.txt, or vocab.txt for
+    bert), tokenizer_config.json and special_tokens_map.json, which distillery and transformers'
+    AutoTokenizer both load.
     """
     from distillery.cli import print_json
     from distillery.tokenizer.training import train_tokenizer
 
+    if args.cased and args.style != "bert":
+        raise TokenizerError("--cased applies to --style bert only (byte-level BPE keeps case anyway); drop it "
+                             "or pass --style bert.")
     start = time.perf_counter()
     tokenizer = train_tokenizer(args.files, args.vocab_size, args.style, args.out,
-                                model_max_length=args.model_max_length, show_progress=not args.json)
+                                model_max_length=args.model_max_length, show_progress=not args.json,
+                                lowercase=not args.cased)
     result = {
         "out": str(args.out),
         "style": tokenizer.style,

@@ -190,7 +190,7 @@ def test_call_bad_arguments(kwargs, message, real):
 
 
 def test_folder_without_tokenizer_files(tmp_path):
-    with pytest.raises(DistilleryError, match="has no tokenizer.json and no vocab.json"):
+    with pytest.raises(DistilleryError, match="has no tokenizer.json, no vocab.txt and no vocab.json"):
         load_tokenizer(tmp_path)
 
 
@@ -209,9 +209,9 @@ def test_corrupt_files_are_named(vocab_dirs, tmp_path):
 
 
 def test_unsupported_tokenizer_class_and_missing_special_token(vocab_dirs, tmp_path):
-    other = _copy_vocab(vocab_dirs["gpt2"], tmp_path / "bert")
-    (other / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer"}))
-    with pytest.raises(DistilleryError, match="'BertTokenizer' is not a tokenizer distillery supports"):
+    other = _copy_vocab(vocab_dirs["gpt2"], tmp_path / "t5")
+    (other / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer"}))
+    with pytest.raises(DistilleryError, match="'T5Tokenizer' is not a tokenizer distillery supports"):
         load_tokenizer(other)
     missing = _copy_vocab(vocab_dirs["gpt2"], tmp_path / "pad")
     (missing / "special_tokens_map.json").write_text(json.dumps({"pad_token": "[PAD]"}))

@@ -73,7 +73,7 @@ def test_bad_input(corpus, tmp_path):
         (dict(files=[tmp_path / "missing.txt"], vocab_size=500, style="gpt2"), "missing.txt does not exist"),
         (dict(files=[tmp_path], vocab_size=500, style="gpt2"), "is a folder"),
         (dict(files=[corpus], vocab_size=100, style="roberta"), "vocab_size 100 is too small.*at least 262"),
-        (dict(files=[corpus], vocab_size=500, style="bert"), "style 'bert' is not one of gpt2, roberta"),
+        (dict(files=[corpus], vocab_size=500, style="t5"), "style 't5' is not one of gpt2, roberta, bert"),
     ]
     for kwargs, message in cases:
         with pytest.raises(DistilleryError, match=message):
