@@ -29,8 +29,16 @@ COMMAND_MODULES = [
 ]
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with a usage error printed as one line, like every other error (the
+    usage itself is one --help away). Subcommand parsers are made of the same class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="distillery",
         description="Distil big language models into small, fast ones, and run them.",
     )
@@ -99,7 +107,12 @@ def print_json(obj: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        if e.code in (0, None):  # --help, --version
+            raise
+        return 2  # a usage error, already printed as one line
     try:
         return int(args.func(args) or 0)
     except DistilleryError as e:

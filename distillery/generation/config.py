@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from distillery.models.common import ConfigError
@@ -42,7 +43,7 @@ class GenerationConfig:
             raise ConfigError(f"do_sample must be True or False, got {self.do_sample!r}.")
         if not _is_number(self.temperature) or self.temperature < 0:
             raise ConfigError(
-                f"temperature must be a number >= 0 (0 means greedy), got {self.temperature!r}."
+                f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature!r}."
             )
         if not _is_int(self.top_k) or self.top_k < 0:
             raise ConfigError(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}.")
@@ -50,7 +51,7 @@ class GenerationConfig:
             raise ConfigError(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p!r}.")
         if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise ConfigError(
-                f"repetition_penalty must be a number > 0 (1 turns it off), got {self.repetition_penalty!r}."
+                f"repetition_penalty must be a finite number > 0 (1 turns it off), got {self.repetition_penalty!r}."
             )
         if not _is_int(self.num_return_sequences) or self.num_return_sequences < 1:
             raise ConfigError(
@@ -96,4 +97,6 @@ def _is_int(value: object) -> bool:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float (NaN and infinity compare false with everything, so they would pass
+    every range check after this one)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from distillery import cli_types
 from distillery.cli import add_command, print_json
 from distillery.models.common import DistilleryError
 
@@ -19,23 +20,30 @@ FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "
 def register(subparsers) -> None:
     p = add_command(subparsers, "generate", generate_command)
     p.add_argument("model", metavar="MODEL", help="model folder or hub id (a GPT-2 family checkpoint)")
-    p.add_argument("prompt", metavar="PROMPT", help="text to continue")
-    p.add_argument("--max-length", type=int, help="total length in tokens, prompt included")
-    p.add_argument("--max-new-tokens", type=int, help="tokens to generate (overrides --max-length)")
-    p.add_argument("--num-return-sequences", type=int, help="continuations to return")
+    p.add_argument("prompt", metavar="PROMPT", type=cli_types.text, help="text to continue")
+    p.add_argument("--max-length", type=cli_types.positive_int, help="total length in tokens, prompt included")
+    p.add_argument("--max-new-tokens", type=cli_types.positive_int,
+                   help="tokens to generate (overrides --max-length; default: the checkpoint's, else 256, "
+                        "lowered to what the model's positions leave after the prompt)")
+    p.add_argument("--num-return-sequences", type=cli_types.positive_int, help="continuations to return")
     sampling = p.add_mutually_exclusive_group()
     sampling.add_argument("--do-sample", dest="do_sample", action="store_true", default=None,
                           help="sample (the checkpoint's default decides when neither flag is given)")
     sampling.add_argument("--greedy", dest="do_sample", action="store_false", help="greedy decoding")
-    p.add_argument("--temperature", type=float, help="softmax temperature when sampling")
-    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=float, help="sample among the smallest set of tokens with this mass")
-    p.add_argument("--repetition-penalty", type=float, help="penalty for tokens already present (1 = none)")
-    p.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
-    p.add_argument("--stop", action="append", metavar="TEXT", help="stop when this text appears (repeatable)")
+    p.add_argument("--temperature", type=cli_types.non_negative_float,
+                   help="softmax temperature when sampling (0: greedy)")
+    p.add_argument("--top-k", type=cli_types.non_negative_int, help="sample among the k most likely tokens (0: off)")
+    p.add_argument("--top-p", type=cli_types.float_range(0.0, 1.0, low_open=True),
+                   help="sample among the smallest set of tokens with this mass (1: off)")
+    p.add_argument("--repetition-penalty", type=cli_types.positive_float,
+                   help="penalty for tokens already present (1 = none)")
+    p.add_argument("--seed", type=cli_types.seed, help="random seed, for reproducible sampling")
+    p.add_argument("--stop", action="append", metavar="TEXT", type=cli_types.text,
+                   help="stop when this text appears (repeatable)")
     p.add_argument("--draft", metavar="MODEL", help="speculative decoding: a smaller model with the same "
                    "tokenizer drafts tokens that MODEL verifies (same output as MODEL alone)")
-    p.add_argument("--draft-k", type=int, default=4, help="tokens drafted per round with --draft (default: 4)")
+    p.add_argument("--draft-k", type=cli_types.positive_int, default=4,
+                   help="tokens drafted per round with --draft (default: 4)")
     p.add_argument("--draft-dtype", choices=["float32", "bfloat16", "float16", "int8"],
                    help="weights of the --draft model (default: --dtype); int8 makes drafting cheaper")
     p.add_argument("--compile", action="store_true",
@@ -50,9 +58,10 @@ def register(subparsers) -> None:
 
     p = add_command(subparsers, "fill-mask", fill_mask_command)
     p.add_argument("model", metavar="MODEL", help="model folder or hub id (a RoBERTa masked language model)")
-    p.add_argument("text", metavar="TEXT", help="text with one or more <mask> tokens")
-    p.add_argument("--top-k", type=int, default=5, help="predictions per mask (default: 5)")
-    p.add_argument("--targets", nargs="+", metavar="WORD", help="score only these words or tokens")
+    p.add_argument("text", metavar="TEXT", type=cli_types.text, help="text with one or more <mask> tokens")
+    p.add_argument("--top-k", type=cli_types.positive_int, default=5, help="predictions per mask (default: 5)")
+    p.add_argument("--targets", nargs="+", metavar="WORD", type=cli_types.text,
+                   help="score only these words or tokens")
     _add_device_flags(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -71,7 +80,7 @@ def register(subparsers) -> None:
 def _add_device_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "int8"],
                    help="weights: float32 (default), bfloat16, float16, or int8 (CPU: int8 weights and activations)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--device", default="cpu", type=cli_types.device, help="torch device (default: cpu)")
 
 
 def generate_command(args: argparse.Namespace) -> int:
@@ -101,6 +110,7 @@ def generate_command(args: argparse.Namespace) -> int:
         set_seed(args.seed)
     if args.draft:
         return _speculative(args, generator, options)
+    _fit_new_tokens(generator, args.prompt, options)
     if args.compile:  # long and silent otherwise: nothing can report torch.compile's progress
         print("compiling the decode step with torch.compile (15-40 s on a CPU the first time)...", file=sys.stderr)
     outputs = generator(args.prompt, **options)
@@ -112,6 +122,24 @@ def generate_command(args: argparse.Namespace) -> int:
             print(f"--- {i + 1} ---")
         print(output["generated_text"])
     return 0
+
+
+def _fit_new_tokens(generator, prompt: str, options: dict[str, Any]) -> None:
+    """With no length asked for, lower the default number of new tokens (the checkpoint's, else the
+    pipeline's 256) to what the model's positions leave after the prompt, and say so once."""
+    if "max_length" in options or "max_new_tokens" in options or options.get("truncation"):
+        return
+    config = generator.generation_config(**{k: v for k, v in options.items()
+                                            if k not in ("stop", "return_full_text", "truncation")})
+    prompt_length = max(1, len(generator.tokenizer.encode(prompt)))  # an empty prompt starts from BOS
+    positions = generator.model.config.n_positions
+    room = positions - prompt_length
+    if room < 1 or (config.max_length is not None and config.max_new_tokens is None):
+        return  # the pipeline's own sentence says what does not fit
+    if config.new_tokens_for(prompt_length) > room:
+        options["max_new_tokens"] = room
+        print(f"note: generating at most {room} new tokens, what the model's {positions} positions leave after "
+              "the prompt (--max-new-tokens sets another number)", file=sys.stderr)
 
 
 def _speculative(args: argparse.Namespace, generator, options: dict[str, Any]) -> int:
@@ -145,8 +173,8 @@ def _speculative(args: argparse.Namespace, generator, options: dict[str, Any]) -
     new_text = generator.tokenizer.decode(tokens[0, len(prompt):].tolist(), skip_special_tokens=True)
     new_text = cut_at_stop(new_text, args.stop or [])
     text = new_text if args.no_full_text else args.prompt + new_text
-    if args.json:
-        print_json({"generated_text": text, **stats})
+    if args.json:  # a list of records, as without --draft, each with the drafting statistics
+        print_json([{"generated_text": text, **stats}])
         return 0
     print(text)
     print(f"acceptance rate {stats['acceptance_rate']:.2f} ({int(stats['accepted'])}/{int(stats['drafted'])} "

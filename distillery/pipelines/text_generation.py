@@ -60,8 +60,25 @@ def checkpoint_generation_defaults(model: Pretrained, directory: str | Path | No
             stored = json.loads(file.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DistilleryError(f"{file} is not valid JSON ({e}); fix or delete it.") from e
-        defaults.update({k: v for k, v in stored.items() if k in keys and v is not None})
+        if not isinstance(stored, dict):
+            raise DistilleryError(f"{file} must hold a JSON object of settings, not a {type(stored).__name__}; "
+                                  "fix or delete it.")
+        stored = {k: v for k, v in stored.items() if k in keys and v is not None}
+        _check_stored_settings(stored, file)
+        defaults.update(stored)
     return defaults
+
+
+def _check_stored_settings(stored: dict[str, Any], file: Path) -> None:
+    """Each setting of a generation_config.json checked alone (with sampling on, so that settings
+    meant for sampling pass), so that a bad value names the file it came from."""
+    from distillery.models.common import ConfigError
+
+    for key, value in stored.items():
+        try:
+            GenerationConfig(**{"do_sample": True, key: value})
+        except (ConfigError, TypeError) as e:
+            raise DistilleryError(f"{file}: {e} Fix or delete the file.") from e
 
 
 class TextGenerationPipeline:
