@@ -13,8 +13,9 @@ def register(subparsers) -> None:
     p = add_command(subparsers, "prepare", prepare_command)
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="text files, folders (searched recursively) or .jsonl files")
-    p.add_argument("--tokenizer", required=True, metavar="TOK",
-                   help="a model folder or tokenizer folder (tokenizer.json or vocab.json + merges.txt)")
+    p.add_argument("--tokenizer", metavar="TOK",
+                   help="a model folder or tokenizer folder (tokenizer.json or vocab.json + merges.txt); "
+                        "needed unless --sentences")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="where train.bin, val.bin, meta.json go")
     p.add_argument("--include", action="append", metavar="GLOB",
                    help="file name patterns to take from folders (repeatable); default: every text file")
@@ -25,6 +26,15 @@ def register(subparsers) -> None:
     split.add_argument("--val-docs", type=int, default=None, help="number of documents held out instead")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
     p.add_argument("--overwrite", action="store_true", help="replace data already prepared in --out")
+    sentences = p.add_argument_group("sentences (for embedding distillation: text kept, not tokenized)")
+    sentences.add_argument("--sentences", action="store_true",
+                           help="write train.txt / val.txt with one sentence per line instead of token files")
+    sentences.add_argument("--split", choices=["sentences", "lines"], default="sentences",
+                           help="cut paragraphs into sentences, or take each line as one (default: sentences)")
+    sentences.add_argument("--val-sentences", type=int, default=1000,
+                           help="sentences held out for validation (default: 1000)")
+    sentences.add_argument("--min-words", type=int, default=4, help="shortest sentence kept, in words (default: 4)")
+    sentences.add_argument("--max-sentences", type=int, help="keep at most this many training sentences")
     p.add_argument("--json", action="store_true", help="print the metadata as JSON")
 
     p = add_command(subparsers, "student", student_command)
@@ -45,6 +55,11 @@ def prepare_command(args: argparse.Namespace) -> int:
     from distillery.distill.data import DEFAULT_VAL_FRACTION, prepare_corpus
     from distillery.tokenizer import load_tokenizer
 
+    if args.sentences:
+        return _prepare_sentences(args)
+    if not args.tokenizer:
+        raise DistilleryError("prepare needs --tokenizer (a model or tokenizer folder), or --sentences for "
+                              "sentence data.")
     tokenizer = load_tokenizer(args.tokenizer)
     meta = prepare_corpus(
         args.inputs, tokenizer, args.out, include=args.include, text_field=args.text_field,
@@ -68,6 +83,9 @@ def prepare_command(args: argparse.Namespace) -> int:
 def student_command(args: argparse.Namespace) -> int:
     """Make a half-depth student from a teacher: embeddings, chosen blocks, final norm and heads.
 
+    A sentence-transformers teacher gives a sentence-transformers student with the same pooling
+    and normalisation.
+
     By default keeps one teacher layer in two, first and last included, as DistilBERT,
     DistilGPT2 and DistilRoBERTa did (12 layers -> 0,2,4,7,9,11). The student is saved in
     Hugging Face layout with the teacher's tokenizer.
@@ -75,16 +93,30 @@ def student_command(args: argparse.Namespace) -> int:
     from distillery.distill.student import make_student, parse_layers
     from distillery.models import load_model
     from distillery.models.checkpoint import resolve_model_dir
+    from distillery.models.sentence_encoder import (
+        SentenceEncoder,
+        is_sentence_transformers_folder,
+        load_sentence_encoder,
+    )
 
     layers = parse_layers(args.layers) if args.layers is not None else None
     teacher_dir = resolve_model_dir(args.teacher)
     out = Path(args.out)
     if out.resolve() == teacher_dir.resolve():
         raise DistilleryError(f"--out {out} is the teacher's folder; choose another folder for the student.")
-    teacher = load_model(teacher_dir)
-    student = make_student(teacher, layers)
-    student.save_pretrained(out)
-    tokenizer_copied = _copy_tokenizer(teacher_dir, out)
+    if is_sentence_transformers_folder(teacher_dir):
+        # A sentence encoder's student keeps its pooling, normalisation and sequence length.
+        encoder = load_sentence_encoder(teacher_dir)
+        teacher = encoder.model
+        student = make_student(teacher, layers)
+        SentenceEncoder(student, encoder.tokenizer, encoder.pooling, encoder.normalize, encoder.max_seq_length,
+                        encoder.do_lower_case).save_pretrained(out)
+        tokenizer_copied = True
+    else:
+        teacher = load_model(teacher_dir)
+        student = make_student(teacher, layers)
+        student.save_pretrained(out)
+        tokenizer_copied = _copy_tokenizer(teacher_dir, out)
     summary = {
         "teacher": str(args.teacher),
         "out": str(out),
@@ -112,3 +144,20 @@ def _copy_tokenizer(teacher_dir: Path, out: Path) -> bool:
 
     load_tokenizer(teacher_dir).save_pretrained(out)
     return True
+
+
+def _prepare_sentences(args: argparse.Namespace) -> int:
+    from distillery.distill.sentences import prepare_sentences
+
+    if args.max_sentences is not None and args.max_sentences <= 0:
+        raise DistilleryError(f"--max-sentences must be a positive integer, got {args.max_sentences}.")
+    meta = prepare_sentences(args.inputs, args.out, split=args.split, include=args.include, text_field=args.text_field,
+                             val_sentences=args.val_sentences, min_words=args.min_words,
+                             max_sentences=args.max_sentences, seed=args.seed, overwrite=args.overwrite)
+    if args.json:
+        print_json(meta)
+        return 0
+    counts = meta["counts"]
+    print(f"prepared {counts['train']:,} training and {counts['val']:,} validation sentences from "
+          f"{meta['files']:,} file(s) into {args.out}")
+    return 0

@@ -21,6 +21,7 @@ KD_LOSSES = ("forward_kl", "reverse_kl", "gjsd")
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COS_LAYERS = ("last", "mapped")
+OBJECTIVES = ("lm", "embedding")
 
 # Settings that may differ between a run and its resumption without changing what is trained.
 RESUMABLE_CHANGES = frozenset({"max_steps", "eval_every", "save_every", "log_every", "eval_batches",
@@ -70,6 +71,13 @@ class RunConfig:
     cos_layers: str = "last"  # "mapped": every student layer against its teacher layer
     layer_map: list[int] | None = None  # teacher layer of each student layer; default: the student recipe's
     kd_masked_only: bool = False  # masked LM: soft targets only at masked positions
+    # "embedding": sentence encoders, pooled embeddings matched by MSE (distill/embedding.py); the
+    # data is a folder of sentences (`prepare --sentences`), alpha_cos weighs the last hidden states.
+    objective: str = "lm"
+    alpha_emb: float = 1.0  # embedding: MSE between pooled sentence embeddings
+    alpha_attn: float = 0.0  # embedding: MiniLM's self-attention relations of the last layer
+    relation_heads: int = 12  # embedding: heads the relations are split into
+    eval_sts: str | None = None  # embedding: an STS-B file scored at each evaluation
 
     # Masked LM.
     mlm_prob: float = 0.15
@@ -91,6 +99,7 @@ class RunConfig:
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("cos_layers", self.cos_layers, COS_LAYERS)
+        _check_choice("objective", self.objective, OBJECTIVES)
         for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
                      "save_every", "log_every"):
             value = getattr(self, name)
@@ -112,7 +121,17 @@ class RunConfig:
                 f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum}); "
                 "change one of them."
             )
-        if self.kind == "distill" and self.alpha_ce + self.alpha_lm + self.alpha_cos + self.alpha_mse == 0:
+        if self.objective == "embedding":
+            if self.kind != "distill":
+                raise DistilleryError("The embedding objective is for distillation (`distillery distill`).")
+            if self.alpha_emb < 0 or self.alpha_attn < 0:
+                raise DistilleryError("Settings alpha_emb and alpha_attn must not be negative.")
+            if self.alpha_emb + self.alpha_cos + self.alpha_attn == 0:
+                raise DistilleryError("All embedding loss weights (alpha_emb, alpha_cos, alpha_attn) are 0; set one.")
+            if isinstance(self.relation_heads, bool) or not isinstance(self.relation_heads, int) \
+                    or self.relation_heads <= 0:
+                raise DistilleryError(f"Setting relation_heads must be a positive integer, got {self.relation_heads!r}.")
+        elif self.kind == "distill" and self.alpha_ce + self.alpha_lm + self.alpha_cos + self.alpha_mse == 0:
             raise DistilleryError("All loss weights (alpha_ce, alpha_lm, alpha_cos, alpha_mse) are 0; set one.")
 
     # ------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any
 from distillery.distill.run_config import (
     COS_LAYERS,
     KD_LOSSES,
+    OBJECTIVES,
     PRECISIONS,
     SCHEDULES,
     RunConfig,
@@ -61,8 +62,15 @@ DISTILL_SETTINGS = {
     "beta": "gjsd: 0 is forward KL, 1 reverse KL",
     "cos_layers": f"{', '.join(COS_LAYERS)}: cosine on the last layer or every student layer",
     "kd_masked_only": "masked LM: soft targets only at masked positions",
+    "objective": "lm (logits and hidden states of language models) or embedding (sentence encoders, "
+                 "data from `prepare --sentences`)",
+    "alpha_emb": "embedding: weight of the MSE between pooled sentence embeddings",
+    "alpha_attn": "embedding: weight of MiniLM's last-layer self-attention relation loss",
+    "relation_heads": "embedding: heads the attention relations are split into",
+    "eval_sts": "embedding: STS-B file scored (Spearman) at every evaluation",
 }
-CHOICES = {"schedule": SCHEDULES, "precision": PRECISIONS, "kd_loss": KD_LOSSES, "cos_layers": COS_LAYERS}
+CHOICES = {"schedule": SCHEDULES, "precision": PRECISIONS, "kd_loss": KD_LOSSES, "cos_layers": COS_LAYERS,
+           "objective": OBJECTIVES}
 MODEL_SIZE_FLAGS = ("n_layer", "n_head", "n_embd", "n_positions")
 
 

@@ -503,13 +503,13 @@ class MetricsLog:
 
         fig, ax = plt.subplots(figsize=(8, 5))
         train = [r for r in self.records if "loss" in r]
-        for key in ("loss", "kd", "lm", "cos", "mse"):
+        for key in ("loss", "kd", "lm", "cos", "mse", "emb", "attn"):
             points = [(r["step"], r[key]) for r in train if key in r]
             if points:
                 ax.plot(*zip(*points), label=f"train {key}", linewidth=1.5 if key == "loss" else 0.8)
         val = [(r["step"], r["val_loss"]) for r in self.records if "val_loss" in r]
         if val:
-            ax.plot(*zip(*val), "o-", label="validation LM loss")
+            ax.plot(*zip(*val), "o-", label="validation loss")
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.set_yscale("log")
@@ -555,6 +555,10 @@ def _run(config: RunConfig, procs: Processes, out: Path, resume: bool, progress:
         raise DistilleryError("No data given; pass --data DIR (a folder written by `distillery prepare`).")
     if not config.out:
         raise DistilleryError("No run folder given; pass --out DIR.")
+    if config.objective == "embedding":
+        from distillery.distill.embedding import run_embedding
+
+        return run_embedding(config, procs, out, resume, progress)
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed + procs.rank)  # dropout differs between processes

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from distillery import cli_types
@@ -14,6 +15,7 @@ from distillery.cli import add_command, print_json
 from distillery.models.common import DistilleryError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+POOLING_CHOICES = ("mean", "cls", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
 FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
@@ -66,11 +68,18 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = add_command(subparsers, "embed", embed_command)
-    p.add_argument("model", metavar="MODEL", help="model folder or hub id")
-    p.add_argument("text", metavar="TEXT", help="text to embed")
+    p.add_argument("model", metavar="MODEL", help="model folder or hub id (a sentence-transformers folder gives "
+                   "one embedding per text)")
+    p.add_argument("text", metavar="TEXT", nargs="+", help="text(s) to embed")
+    p.add_argument("--pooling", choices=list(POOLING_CHOICES),
+                   help="pool each text's token features into one embedding (default: the sentence-transformers "
+                        "folder's own pooling; other models print per-token features)")
+    p.add_argument("--normalize", action="store_true", help="L2-normalise sentence embeddings")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per batch for sentence embeddings (default: 32)")
     p.add_argument("--truncation", action="store_true", help="cut texts longer than the model's positions")
     _add_device_flags(p)
-    p.add_argument("--json", action="store_true", help="print tokens and features (1, T, C) as JSON")
+    p.add_argument("--json", action="store_true", help='print {"embeddings": [[...], ...]} for sentence embeddings, '
+                   "or tokens and features (1, T, C) per token")
 
     p = add_command(subparsers, "info", info_command)
     p.add_argument("model", metavar="MODEL", help="model folder or hub id")
@@ -205,13 +214,26 @@ def fill_mask_command(args: argparse.Namespace) -> int:
 
 
 def embed_command(args: argparse.Namespace) -> int:
-    """Per-token features (the base model's last hidden state), as transformers' feature-extraction.
+    """Sentence embeddings (sentence-transformers folders, or --pooling), else per-token features.
 
-    Prints the shape and the first values of each token's vector; --json prints every value.
+    A sentence-transformers folder (modules.json) gives one vector per text, pooled and normalised
+    as sentence-transformers does. Any other encoder gives the base model's last hidden state per
+    token (transformers' feature-extraction), or one pooled vector per text with --pooling.
+    Prints the shape and the first values; --json prints every value.
     """
-    from distillery.pipelines import pipeline
+    from distillery.models.sentence_encoder import is_sentence_transformers_folder
 
     check_device(args.device)
+    if args.batch_size <= 0:
+        raise DistilleryError(f"--batch-size must be a positive integer, got {args.batch_size}.")
+    if args.pooling or (Path(args.model).is_dir() and is_sentence_transformers_folder(args.model)):
+        return _sentence_embeddings(args)
+    if len(args.text) > 1:
+        raise DistilleryError("Per-token features take one TEXT; pass --pooling mean (or another mode) to embed "
+                              "several texts as sentences.")
+    args.text = args.text[0]
+    from distillery.pipelines import pipeline
+
     extractor = pipeline("feature-extraction", model=args.model, device=args.device, dtype=args.dtype)
     features = extractor(args.text, truncation=args.truncation or None)
     vectors = features[0]
@@ -225,6 +247,30 @@ def embed_command(args: argparse.Namespace) -> int:
     for token, vector in zip(tokens, vectors):
         head = " ".join(f"{v:+.4f}" for v in vector[:6])
         print(f"{token!r:<16} [{head} ...]")
+    return 0
+
+
+def _sentence_embeddings(args: argparse.Namespace) -> int:
+    from distillery.models.sentence_encoder import PoolingConfig, load_sentence_encoder
+
+    if args.dtype == "int8":
+        raise DistilleryError("Sentence embeddings run in float32, bfloat16 or float16; leave --dtype int8 out.")
+    encoder = load_sentence_encoder(args.model, device=args.device, dtype=args.dtype)
+    if args.pooling:
+        encoder.pooling = PoolingConfig(encoder.pooling.dimension, (args.pooling,))
+    # Texts are cut at the encoder's max_seq_length, as sentence-transformers cuts them.
+    embeddings = encoder.encode(args.text, batch_size=args.batch_size, normalize_embeddings=args.normalize)
+    if not np.isfinite(embeddings).all():
+        raise DistilleryError(f"The model at {args.model} gives non-finite embeddings; its weights are broken "
+                              "(NaN or infinite values); re-save or re-download it.")
+    if args.json:
+        print_json({"embeddings": embeddings.tolist()})
+        return 0
+    print(f"{len(args.text)} text(s) x {embeddings.shape[1]} dimensions "
+          f"({'+'.join(encoder.pooling.modes)} pooling{', normalised' if encoder.normalize or args.normalize else ''})")
+    for text, vector in zip(args.text, embeddings):
+        head = " ".join(f"{v:+.4f}" for v in vector[:6])
+        print(f"{text[:40]!r:<44} [{head} ...]")
     return 0
 
 
