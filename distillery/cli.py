@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "distillery.distill.train_commands",  # train, distill, demo
     "distillery.evaluate.commands",  # eval, glue, finetune, card
     "distillery.generation.commands",  # bench
+    "distillery.serve.commands",  # serve
 ]
 
 
@@ -66,7 +67,8 @@ def add_command(subparsers, name: str, func, **kwargs: Any) -> argparse.Argument
     doc = inspect.cleandoc(func.__doc__ or "")
     summary = doc.split("\n\n")[0].replace("\n", " ")
     p = subparsers.add_parser(name, help=summary, description=doc, formatter_class=HelpFormatter, **kwargs)
-    p.set_defaults(func=func)
+    # "tokenizer train" out of "distillery tokenizer train", for the error lines
+    p.set_defaults(func=func, command_name=p.prog.split(" ", 1)[-1])
     return p
 
 
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except DistilleryError as e:
-        print(f"distillery {args.command}: error: {e}", file=sys.stderr)
+        print(f"distillery {_name(args)}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         # The file system said no (a read-only folder, a file where a folder is needed): the
         # user's to fix, so one line naming the path, not a traceback.
         where = f"{e.filename}: " if e.filename else ""
-        print(f"distillery {args.command}: error: {where}{e.strerror or e}; check the path and its permissions.",
+        print(f"distillery {_name(args)}: error: {where}{e.strerror or e}; check the path and its permissions.",
               file=sys.stderr)
         return 2
     except BrokenPipeError:
@@ -133,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         # still buffered would fail again at exit, so stdout goes to /dev/null first.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
+
+
+def _name(args: argparse.Namespace) -> str:
+    return getattr(args, "command_name", None) or args.command
 
 
 def _version() -> str:
