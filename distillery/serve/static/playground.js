@@ -338,7 +338,7 @@ function fillTable(fillers, maskNumber) {
   table.dataset.testid = "fill-table";
   if (maskNumber !== null) table.createCaption().textContent = `Mask ${maskNumber}`;
   const head = table.createTHead().insertRow();
-  for (const title of ["Token", "Score", ""]) {
+  for (const title of ["Token", "Against the first", "Score"]) {
     const th = document.createElement("th");
     th.textContent = title;
     head.append(th);
@@ -364,7 +364,8 @@ function fillTable(fillers, maskNumber) {
     bar.append(track);
     const score = row.insertCell();
     score.className = "score";
-    score.textContent = filler.score.toFixed(4);
+    // Four decimals, or a power of ten for the tiny scores an untrained model spreads over its vocabulary.
+    score.textContent = filler.score >= 1e-4 ? filler.score.toFixed(4) : filler.score.toExponential(2);
   }
   return table;
 }
