@@ -66,9 +66,11 @@ def pipeline(
     else:
         directory = resolve_model_dir(model)
         head = None
-        if task == "fill-mask" and read_config(directory).get("model_type") == "roberta":
+        if task == "fill-mask" and read_config(directory).get("model_type") != "gpt2":
             head = "masked-lm"  # as transformers loads AutoModelForMaskedLM
         model = load_model(directory, task=head, dtype=dtype, device=device)
+        if head is not None:
+            _check_masked_lm_head(model, directory)
         tokenizer = tokenizer if tokenizer is not None else directory
     # Few-row products (decoding, short texts) run faster on a CPU with prepacked weights; the
     # layout changes only for models loaded here, which nobody else holds. With compile=True the
@@ -97,3 +99,17 @@ def pipeline(
     from distillery.pipelines.feature_extraction import FeatureExtractionPipeline
 
     return FeatureExtractionPipeline(model, tokenizer, **kwargs)
+
+
+def _check_masked_lm_head(model: Pretrained, directory) -> None:
+    """Refuse an encoder checkpoint whose masked-LM head was made up at load time (a classifier, a
+    bare encoder): transformers would predict with random weights; we say so instead."""
+    from distillery.models.checkpoint import CONFIG_NAME, family_and_task, read_config
+
+    fresh = [k for k in getattr(model, "newly_initialized", []) if k.startswith("lm_")]
+    if fresh:
+        _, stored = family_and_task(read_config(directory), directory / CONFIG_NAME, None)
+        raise DistilleryError(
+            f"{directory} holds a {model.family} {stored} model without a masked-LM head, so it cannot fill "
+            "masks; use fill-mask with a masked-LM checkpoint (…ForMaskedLM) or feature-extraction with this one."
+        )

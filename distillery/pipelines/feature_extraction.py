@@ -1,8 +1,8 @@
 """Feature extraction: one hidden vector per token, as transformers' feature-extraction pipeline.
 
 The features are the base model's last hidden state: for GPT-2 after the final LayerNorm (what
-transformers' GPT2Model returns), for RoBERTa the encoder's output (a head model's encoder is used
-and its head skipped).
+transformers' GPT2Model returns), for the encoders (RoBERTa, BERT, DistilBERT) the encoder's output
+(a head model's encoder is used and its head skipped, as transformers loads AutoModel).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import torch
 from distillery.models.common import DistilleryError, Pretrained
 from distillery.models.gpt2 import GPT2
 
+FAMILIES = ("gpt2", "roberta", "bert", "distilbert")
+
 
 class FeatureExtractionPipeline:
     """Hidden states of a text: a nested list of shape (1, T, C) per text, or tensors when asked.
@@ -23,8 +25,8 @@ class FeatureExtractionPipeline:
     """
 
     def __init__(self, model: Pretrained, tokenizer) -> None:
-        if model.family not in ("gpt2", "roberta"):
-            raise DistilleryError(f"feature-extraction runs GPT-2 and RoBERTa models, not {model.family!r}.")
+        if model.family not in FAMILIES:
+            raise DistilleryError(f"feature-extraction runs {', '.join(FAMILIES)} models, not {model.family!r}.")
         self.model = model.eval()
         self.tokenizer = tokenizer
 
@@ -85,5 +87,6 @@ class FeatureExtractionPipeline:
         if isinstance(self.model, GPT2):
             # logits_to_keep=1: the LM head is not part of the features; compute it for one position only.
             return self.model(input_ids, logits_to_keep=1).last_hidden_state
-        encoder = getattr(self.model, "roberta", self.model)
+        # A head model holds its encoder under the family's name (.roberta, .bert, .distilbert).
+        encoder = getattr(self.model, self.model.family, self.model)
         return encoder(input_ids).last_hidden_state

@@ -1,8 +1,9 @@
-"""Fill-mask: the most likely tokens for each `<mask>` in a text, as transformers' fill-mask pipeline.
+"""Fill-mask: the most likely tokens for each mask token in a text, as transformers' fill-mask pipeline.
 
-Only the mask positions go through the LM head (`RobertaForMaskedLM(logits_positions=...)`): the
-head's decoder is a (C x V) matrix, so skipping it for every other token is most of the saving
-over transformers on short texts.
+Any masked LM runs it: RoBERTa (`<mask>`), BERT and DistilBERT (`[MASK]`); the mask token is the
+tokenizer's. Only the mask positions go through the LM head (`logits_positions=...`): the head's
+decoder is a (C x V) matrix, so skipping it for every other token is most of the saving over
+transformers on short texts.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ from typing import Any
 
 import torch
 
-from distillery.models.common import DistilleryError
-from distillery.models.roberta import RobertaForMaskedLM
+from distillery.models.common import DistilleryError, Pretrained
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ Prediction = dict[str, Any]  # {"score": float, "token": int, "token_str": str, 
 
 
 class FillMaskPipeline:
-    """Predict the token behind each mask token of one text or a list of texts.
+    """Predict the token behind each mask token of one text or a list of texts, with any masked LM.
 
     >>> unmasker = FillMaskPipeline(load_model("distilroberta-base"), load_tokenizer("distilroberta-base"))
     >>> unmasker("Hello I'm a <mask> model.", top_k=2)
@@ -30,11 +30,13 @@ class FillMaskPipeline:
     A list of texts runs `batch_size` texts per forward pass, right-padded to the longest.
     """
 
-    def __init__(self, model: RobertaForMaskedLM, tokenizer, batch_size: int = 8) -> None:
-        if not isinstance(model, RobertaForMaskedLM):
+    def __init__(self, model: Pretrained, tokenizer, batch_size: int = 8) -> None:
+        if model.task != "masked-lm":
+            use = ("use text-generation for GPT-2 models" if model.family == "gpt2" else
+                   "load a checkpoint with a masked-LM head (…ForMaskedLM)")
             raise DistilleryError(
-                f"fill-mask needs a masked language model (a RoBERTa checkpoint with an MLM head), but this is "
-                f"a {model.family} {model.task} model; use text-generation for GPT-2 models."
+                f"fill-mask needs a masked language model (RoBERTa, BERT or DistilBERT with an MLM head), but "
+                f"this is a {model.family} {model.task} model; {use}."
             )
         if tokenizer.mask_token_id is None:
             raise DistilleryError(
