@@ -1,10 +1,14 @@
-"""GLUE: read the tasks' tsv files, fine-tune a RoBERTa classifier, score the dev sets.
+"""GLUE: read the tasks' tsv files, fine-tune an encoder classifier, score the dev sets.
 
 Files are read the way GLUE's own loaders read them: tab-separated, no quoting (MRPC and SST-2
 contain lone double quotes), a UTF-8 BOM ignored (MRPC starts with one). Columns are found by
 the header names GLUE ships; CoLA has no header (source, label, original judgement, sentence).
 RTE is accepted both in GLUE's layout (string labels) and in Hugging Face's export
 (sentence1, sentence2, label, idx with 0 = entailment), which use the same label order.
+
+Any encoder fine-tunes: RoBERTa, BERT or DistilBERT. A pair is framed as the tokenizer's own pair
+call frames it (RoBERTa `<s> A </s></s> B </s>`, BERT `[CLS] A [SEP] B [SEP]`), and a BERT
+tokenizer's batches carry token_type_ids (0 for A, 1 for B; DistilBERT ignores them).
 """
 
 from __future__ import annotations
@@ -206,18 +210,47 @@ def score(task: GlueTask, predictions: Sequence[float], labels: Sequence[float])
 # Batches and the fine-tuning loop
 
 
+def is_wordpiece(tokenizer) -> bool:
+    """A BERT-style tokenizer: [CLS] A [SEP] B [SEP] with token types."""
+    return getattr(tokenizer, "style", None) == "bert"
+
+
+def frame(tokenizer, first: list[int], second: list[int] | None = None) -> list[int]:
+    """One text's or a pair's ids with special tokens where the tokenizer's pair call puts them:
+    BERT [CLS] A [SEP] (B [SEP]), RoBERTa <s> A </s> (</s> B </s>)."""
+    if is_wordpiece(tokenizer):
+        cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+        return [cls, *first, sep] + ([] if second is None else [*second, sep])
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return [bos, *first, eos] + ([] if second is None else [eos, *second, eos])
+
+
 def encode_example(tokenizer, texts: tuple[str, ...], max_length: int) -> list[int]:
-    """RoBERTa's layout: <s> A </s> or <s> A </s></s> B </s>, the longer text truncated first."""
+    """One text or a pair, framed by `frame`, the longer text truncated first, token by token."""
     parts = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
-    budget = max_length - (2 if len(parts) == 1 else 4)
+    budget = max_length - len(frame(tokenizer, *[[] for _ in parts]))
+    if budget < len(parts):  # not one token of each text would fit: truncation could never end
+        raise DistilleryError(f"--max-length {max_length} leaves no room for the text after the special tokens; "
+                              f"pass at least {max_length - budget + len(parts)}.")
     while sum(map(len, parts)) > budget:
         longest = max(range(len(parts)), key=lambda i: len(parts[i]))
         parts[longest] = parts[longest][:-1]
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    ids = [bos, *parts[0], eos]
-    if len(parts) == 2:
-        ids += [eos, *parts[1], eos]
-    return ids
+    return frame(tokenizer, *parts)
+
+
+def token_types(input_ids: torch.Tensor, sep_id: int) -> torch.Tensor:
+    """BERT's segment ids, (B, T): 0 up to and including the first [SEP], 1 after it."""
+    is_sep = input_ids == sep_id
+    return (is_sep.cumsum(-1) - is_sep.long() > 0).long()
+
+
+def forward_padded(model, tokenizer, rows: list[list[int]], pad_id: int):
+    """The model's output on right-padded rows, with token_type_ids when the tokenizer is BERT's."""
+    ids, mask = collate(rows, pad_id)
+    kwargs = {"attention_mask": mask.to(model.device)}
+    if is_wordpiece(tokenizer):
+        kwargs["token_type_ids"] = (token_types(ids, tokenizer.sep_token_id) * mask).to(model.device)
+    return model(ids.to(model.device), **kwargs)
 
 
 def collate(encoded: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,29 +264,37 @@ def collate(encoded: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.
     return ids, mask
 
 
-def load_classifier(model_path: str | Path, task: GlueTask, device: str = "cpu"):
-    """A RobertaForSequenceClassification from a RoBERTa checkpoint, its head sized for `task`."""
+def load_with_new_head(model_path: str | Path, head: str, id2label: dict[int, str], purpose: str,
+                       problem_type: str | None = None, device: str = "cpu"):
+    """An encoder checkpoint (RoBERTa, BERT, DistilBERT) with a fresh `head` for these labels.
+
+    The encoder's weights are kept; a classifier the checkpoint already has is dropped, as its
+    labels belong to another task (BERT's pooler stays: it is pre-trained with the encoder).
+    """
     from distillery.models import checkpoint
 
     directory = checkpoint.resolve_model_dir(model_path)
     hf = checkpoint.read_config(directory)
-    if hf.get("model_type") != "roberta":
-        raise DistilleryError(
-            f"{directory}: GLUE fine-tuning needs a RoBERTa checkpoint, not model_type {hf.get('model_type')!r}."
-        )
-    config = checkpoint.config_from_hf("roberta", hf)
-    if task.labels is None:
-        config.id2label, config.problem_type = {0: "LABEL_0"}, "regression"
-    else:
-        config.id2label = dict(enumerate(task.labels))
-        config.problem_type = "single_label_classification"
-    model = checkpoint.build_model(config, "sequence-classification")
-    their_state = checkpoint.read_state_dict(directory)
-    if hf.get("architectures", [""])[0] == "RobertaForSequenceClassification":
-        # A classifier trained for another task: keep its encoder, start the head afresh.
-        their_state = {k: v for k, v in their_state.items() if not k.startswith("classifier.")}
+    family, _ = checkpoint.family_and_task(hf, directory / checkpoint.CONFIG_NAME, None)
+    if head not in checkpoint.FAMILY_TASKS[family]:
+        raise DistilleryError(f"{directory}: {purpose} needs an encoder checkpoint (RoBERTa, BERT or DistilBERT), "
+                              f"not a {family} model.")
+    config = checkpoint.config_from_hf(family, hf)
+    config.id2label, config.problem_type = id2label, problem_type
+    model = checkpoint.build_model(config, head)
+    their_state = {k: v for k, v in checkpoint.read_state_dict(directory).items()
+                   if not k.startswith(("classifier.", "pre_classifier."))}
     checkpoint.load_hf_state_dict(model, their_state, source=directory)
     return model.to(device)
+
+
+def load_classifier(model_path: str | Path, task: GlueTask, device: str = "cpu"):
+    """A sequence classifier from an encoder checkpoint, its head sized for `task`."""
+    if task.labels is None:
+        return load_with_new_head(model_path, "sequence-classification", {0: "LABEL_0"}, "GLUE fine-tuning",
+                                  "regression", device)
+    return load_with_new_head(model_path, "sequence-classification", dict(enumerate(task.labels)),
+                              "GLUE fine-tuning", "single_label_classification", device)
 
 
 def loss_fn(task: GlueTask, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -264,13 +305,12 @@ def loss_fn(task: GlueTask, logits: torch.Tensor, labels: torch.Tensor) -> torch
 
 
 @torch.no_grad()
-def predict(model, task: GlueTask, encoded: list[list[int]], pad_id: int, batch_size: int) -> list[float]:
+def predict(model, tokenizer, task: GlueTask, encoded: list[list[int]], pad_id: int, batch_size: int) -> list[float]:
     """Class indices (or regression scores) for encoded examples, in order."""
     model.eval()
     out: list[float] = []
     for start in range(0, len(encoded), batch_size):
-        ids, mask = collate(encoded[start:start + batch_size], pad_id)
-        logits = model(ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        logits = forward_padded(model, tokenizer, encoded[start:start + batch_size], pad_id).logits.float()
         out += (logits.squeeze(-1) if task.labels is None else logits.argmax(-1)).tolist()
     return out
 
@@ -325,9 +365,8 @@ def finetune_glue(model, tokenizer, task: GlueTask, splits: dict[str, list[Examp
         rng.shuffle(order)
         for start in range(0, len(order), settings.batch_size):
             batch = order[start:start + settings.batch_size]
-            ids, mask = collate([encoded[i] for i in batch], pad_id)
             labels = torch.tensor([train[i].label for i in batch])
-            logits = model(ids.to(model.device), attention_mask=mask.to(model.device)).logits
+            logits = forward_padded(model, tokenizer, [encoded[i] for i in batch], pad_id).logits
             loss = loss_fn(task, logits, labels.to(model.device))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
@@ -343,7 +382,7 @@ def finetune_glue(model, tokenizer, task: GlueTask, splits: dict[str, list[Examp
         if name == "train":
             continue
         dev_encoded = [encode_example(tokenizer, e.texts, settings.max_length) for e in examples]
-        predictions = predict(model, task, dev_encoded, pad_id, settings.batch_size * 2)
+        predictions = predict(model, tokenizer, task, dev_encoded, pad_id, settings.batch_size * 2)
         results[name] = {**score(task, predictions, [e.label for e in examples]), "examples": len(examples)}
     return {
         "task": task.name,

@@ -1,16 +1,19 @@
 """Token classification (CoNLL-style files) and extractive question answering (SQuAD-style JSON).
 
-Token classification, on RobertaForTokenClassification:
+Both fine-tune any encoder: RoBERTa, BERT or DistilBERT (a new head on its encoder).
+
+Token classification:
 Files: one token per line with its tag in the last column, blank lines between sentences,
 `-DOCSTART-` lines ignored (the CoNLL-2003 layout; two-column `word tag` files work too). Each
-word is encoded on its own with a leading space (RoBERTa's add_prefix_space) and only its first
-sub-token carries the label, as transformers' run_ner does. Scored with conlleval's entity
+word is encoded on its own with a leading space (RoBERTa's add_prefix_space; WordPiece ignores it)
+and only its first sub-token carries the label, as transformers' run_ner does. Scored with conlleval's entity
 precision, recall and F1 (an I- tag that does not continue an entity of its type opens one, so IOB1
 and IOB2 both work) and token accuracy.
 
-Question answering, on RobertaForQuestionAnswering, as transformers' run_qa: <s> question </s></s>
-context window </s>, long contexts cut into windows that overlap by `doc_stride` tokens; a window
-that does not hold the whole answer is trained to point at <s>. At evaluation, each example's
+Question answering, as transformers' run_qa: the question and a context window as the tokenizer
+frames a pair (RoBERTa <s> question </s></s> window </s>; BERT [CLS] question [SEP] window [SEP]
+with token types 0 then 1), long contexts cut into windows that overlap by `doc_stride` tokens; a
+window that does not hold the whole answer is trained to point at the first token (<s> / [CLS]). At evaluation, each example's
 answer is the best span (start logit + end logit, at most `max_answer_tokens`) over all its
 windows, cut from the context by the tokenizer's character offsets. Scored with SQuAD's exact
 match and token F1 against the best of the gold answers, after SQuAD's normalisation.
@@ -33,7 +36,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from distillery.evaluate.glue import FinetuneSettings, collate, warmup_linear_decay
+from distillery.evaluate.glue import (
+    FinetuneSettings,
+    collate,
+    forward_padded,
+    frame,
+    load_with_new_head,
+    warmup_linear_decay,
+)
 from distillery.models.common import DistilleryError
 
 IGNORE = -100
@@ -100,10 +110,13 @@ def entity_scores(predicted: list[list[str]], gold: list[list[str]]) -> dict[str
 
 def encode_tagged(tokenizer, sentence: TaggedSentence, label_ids: dict[str, int],
                   max_length: int) -> tuple[list[int], list[int]]:
-    """<s> word pieces </s> and labels on each word's first piece (IGNORE elsewhere), truncated."""
+    """<s> word pieces </s> ([CLS] … [SEP]) and labels on each word's first piece (IGNORE elsewhere),
+    truncated."""
     ids, labels = [tokenizer.bos_token_id], [IGNORE]
     for word, tag in zip(sentence.words, sentence.tags):
-        pieces = tokenizer.encode(" " + word, add_special_tokens=False)  # byte-level BPE: never empty
+        # Byte-level BPE never gives nothing; WordPiece may (a word of characters its normaliser
+        # drops): [UNK] keeps one piece per word, so words and predictions stay aligned.
+        pieces = tokenizer.encode(" " + word, add_special_tokens=False) or [tokenizer.unk_token_id]
         ids += pieces
         labels += [label_ids.get(tag, IGNORE)] + [IGNORE] * (len(pieces) - 1)
     ids, labels = ids[:max_length - 1] + [tokenizer.eos_token_id], labels[:max_length - 1] + [IGNORE]
@@ -111,19 +124,9 @@ def encode_tagged(tokenizer, sentence: TaggedSentence, label_ids: dict[str, int]
 
 
 def load_tagger(model_path: str | Path, tags: list[str], device: str = "cpu"):
-    """A RobertaForTokenClassification with one output per tag (a new head)."""
-    from distillery.models import checkpoint
-
-    directory = checkpoint.resolve_model_dir(model_path)
-    hf = checkpoint.read_config(directory)
-    if hf.get("model_type") != "roberta":
-        raise DistilleryError(f"{directory}: token classification needs a RoBERTa checkpoint, not {hf.get('model_type')!r}.")
-    config = checkpoint.config_from_hf("roberta", hf)
-    config.id2label = dict(enumerate(tags))
-    model = checkpoint.build_model(config, "token-classification")
-    state = {k: v for k, v in checkpoint.read_state_dict(directory).items() if not k.startswith("classifier.")}
-    checkpoint.load_hf_state_dict(model, state, source=directory)
-    return model.to(device)
+    """An encoder checkpoint with a new token-classification head, one output per tag."""
+    return load_with_new_head(model_path, "token-classification", dict(enumerate(tags)), "token classification",
+                              device=device)
 
 
 @torch.no_grad()
@@ -139,8 +142,7 @@ def predict_tags(model, tokenizer, sentences: list[TaggedSentence], tags: list[s
         # Mark word starts with label 0 so unknown gold tags still get a prediction.
         starts = [encode_tagged(tokenizer, TaggedSentence(s.words, [tags[0]] * len(s.words)), label_ids, max_length)[1]
                   for s in batch]
-        ids, mask = collate([e[0] for e in encoded], tokenizer.pad_token_id)
-        best = model(ids.to(model.device), attention_mask=mask.to(model.device)).logits.argmax(-1).cpu()
+        best = forward_padded(model, tokenizer, [e[0] for e in encoded], tokenizer.pad_token_id).logits.argmax(-1).cpu()
         for row, (sentence, first) in enumerate(zip(batch, starts)):
             predicted = [tags[int(best[row, i])] for i, lab in enumerate(first) if lab != IGNORE]
             out.append(predicted + ["O"] * (len(sentence.words) - len(predicted)))
@@ -183,9 +185,8 @@ def finetune_tagger(model, tokenizer, train: list[TaggedSentence], dev: list[Tag
     encoded = [encode_tagged(tokenizer, s, label_ids, settings.max_length) for s in train]
 
     def batch_loss(batch: list[tuple[list[int], list[int]]]) -> torch.Tensor:
-        ids, mask = collate([b[0] for b in batch], tokenizer.pad_token_id)
         labels, _ = collate([b[1] for b in batch], IGNORE)
-        logits = model(ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        logits = forward_padded(model, tokenizer, [b[0] for b in batch], tokenizer.pad_token_id).logits.float()
         return F.cross_entropy(logits.transpose(1, 2), labels.to(model.device), ignore_index=IGNORE)
 
     total = train_on_batches(model, encoded, batch_loss, settings, "token classification", progress)
@@ -249,13 +250,14 @@ class QAWindow:
 def qa_windows(tokenizer, examples: list[QAExample], max_length: int, doc_stride: int,
                max_question_tokens: int = 64) -> list[QAWindow]:
     """Every example's context windows with their answer positions."""
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     windows = []
     for index, example in enumerate(examples):
         question = tokenizer.encode(example.question, add_special_tokens=False)[:max_question_tokens]
         encoding = tokenizer.backend.encode(example.context, add_special_tokens=False)
         ids, offsets = encoding.ids, encoding.offsets
-        room = max_length - len(question) - 4
+        framed = frame(tokenizer, question, [])  # the pair with an empty window: one token follows it
+        prefix = framed[:-1]
+        room = max_length - len(framed)
         if room <= doc_stride:
             raise DistilleryError(f"--max-length {max_length} leaves no room for context windows with "
                                   f"--doc-stride {doc_stride}; raise the length or lower the stride.")
@@ -264,8 +266,7 @@ def qa_windows(tokenizer, examples: list[QAExample], max_length: int, doc_stride
         begin = 0
         while True:
             chunk = range(begin, min(begin + room, len(ids)))
-            prefix = [bos, *question, eos, eos]
-            window = QAWindow(index, prefix + [ids[i] for i in chunk] + [eos], len(prefix),
+            window = QAWindow(index, frame(tokenizer, question, [ids[i] for i in chunk]), len(prefix),
                               [offsets[i] for i in chunk])
             if end_char is not None and chunk and offsets[chunk[0]][0] <= start_char and end_char <= offsets[chunk[-1]][1]:
                 window.start = len(prefix) + next(i for i, (a, b) in enumerate(window.offsets) if b > start_char)
@@ -309,8 +310,7 @@ def predict_answers(model, tokenizer, examples: list[QAExample], windows: list[Q
     best: dict[int, tuple[float, str]] = {}
     for start in range(0, len(windows), batch_size):
         batch = windows[start:start + batch_size]
-        ids, mask = collate([w.ids for w in batch], tokenizer.pad_token_id)
-        logits = model(ids.to(model.device), attention_mask=mask.to(model.device)).logits.float().cpu()
+        logits = forward_padded(model, tokenizer, [w.ids for w in batch], tokenizer.pad_token_id).logits.float().cpu()
         for row, window in enumerate(batch):
             first, last = window.context_start, window.context_start + len(window.offsets) - 1
             starts = logits[row, first:last + 1, 0]
@@ -332,8 +332,7 @@ def finetune_qa(model, tokenizer, train: list[QAExample], dev: list[QAExample], 
     windows = qa_windows(tokenizer, train, settings.max_length, doc_stride)
 
     def batch_loss(batch: list[QAWindow]) -> torch.Tensor:
-        ids, mask = collate([w.ids for w in batch], tokenizer.pad_token_id)
-        logits = model(ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        logits = forward_padded(model, tokenizer, [w.ids for w in batch], tokenizer.pad_token_id).logits.float()
         targets = torch.tensor([[w.start, w.end] for w in batch], device=model.device)
         return (F.cross_entropy(logits[..., 0], targets[:, 0]) + F.cross_entropy(logits[..., 1], targets[:, 1])) / 2
 
