@@ -123,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        # Sizes the machine cannot hold (a batch of a billion): the user's to lower, not a bug.
+        print(f"distillery {_name(args)}: error: out of memory ({_first_line(e)}); lower the batch size, the "
+              "sequence length or the model size.", file=sys.stderr)
+        return 2
     except (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as e:
         # The file system said no (a read-only folder, a file where a folder is needed): the
         # user's to fix, so one line naming the path, not a traceback.
@@ -135,6 +142,17 @@ def main(argv: list[str] | None = None) -> int:
         # still buffered would fail again at exit, so stdout goes to /dev/null first.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """A failed allocation: Python's MemoryError, torch's CPU allocator or CUDA out of memory."""
+    text = str(error)
+    return isinstance(error, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()
+
+
+def _first_line(error: BaseException) -> str:
+    line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return line if len(line) <= 160 else line[:157] + "..."
 
 
 def _name(args: argparse.Namespace) -> str:

@@ -28,6 +28,9 @@ from distillery.models.common import DistilleryError
 MAX_SEED = 2**32 - 1
 # Larger counts than this are typos (or attacks), not runs: they would overflow a tensor size.
 MAX_COUNT = 2**31 - 1
+# The largest vocabulary a tokenizer may be trained to: real ones stop near 256k, and the trainer
+# allocates for the size asked before it reads anything (2**46 ids abort the process).
+MAX_VOCAB_SIZE = 2**20
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,6 +195,30 @@ def output_file(value: str) -> Path:
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{value} is a folder; pass a file name (for example {path / 'out.json'}).")
     _check_parents(path, value)
+    return path
+
+
+def result_file(value: str) -> Path:
+    """Where a JSON result is saved (--save): a new file, or a result saved there before, which is
+    replaced; any other existing file is refused rather than overwritten."""
+    import json
+
+    path = output_file(value)
+    if path.exists():
+        try:
+            replaceable = isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
+        except (OSError, UnicodeDecodeError, ValueError):
+            replaceable = False
+        if not replaceable:
+            raise argparse.ArgumentTypeError(f"{value} exists and is not a saved JSON result; choose another file.")
+    return path
+
+
+def markdown_file(value: str) -> Path:
+    """Where a Markdown file is written (a model card): a .md path, replaced if it exists."""
+    path = output_file(value)
+    if path.suffix.lower() != ".md":
+        raise argparse.ArgumentTypeError(f"{value} is not a .md file; pass a Markdown path such as RUN/README.md.")
     return path
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from distillery import cli_types
 from distillery.cli import add_command, print_json
 from distillery.models.common import DistilleryError
 
@@ -16,32 +17,37 @@ def register(subparsers) -> None:
     p.add_argument("--tokenizer", metavar="TOK",
                    help="a model folder or tokenizer folder (tokenizer.json or vocab.json + merges.txt); "
                         "needed unless --sentences")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="where train.bin, val.bin, meta.json go")
+    p.add_argument("--out", required=True, type=cli_types.output_folder, metavar="DIR",
+                   help="where train.bin, val.bin, meta.json go")
     p.add_argument("--include", action="append", metavar="GLOB",
                    help="file name patterns to take from folders (repeatable); default: every text file")
-    p.add_argument("--text-field", default="text", help="the field holding the text in .jsonl lines")
+    p.add_argument("--text-field", default="text", type=cli_types.text,
+                   help="the field holding the text in .jsonl lines")
     split = p.add_mutually_exclusive_group()
-    split.add_argument("--val-fraction", type=float, default=None,
+    split.add_argument("--val-fraction", type=cli_types.open_fraction, default=None,
                        help="fraction of documents held out for validation (default 0.0005, at least one)")
-    split.add_argument("--val-docs", type=int, default=None, help="number of documents held out instead")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
+    split.add_argument("--val-docs", type=cli_types.positive_int, default=None,
+                       help="number of documents held out instead")
+    p.add_argument("--seed", type=cli_types.seed, default=0, help="seed of the train/validation split")
     p.add_argument("--overwrite", action="store_true", help="replace data already prepared in --out")
     sentences = p.add_argument_group("sentences (for embedding distillation: text kept, not tokenized)")
     sentences.add_argument("--sentences", action="store_true",
                            help="write train.txt / val.txt with one sentence per line instead of token files")
     sentences.add_argument("--split", choices=["sentences", "lines"], default="sentences",
                            help="cut paragraphs into sentences, or take each line as one (default: sentences)")
-    sentences.add_argument("--val-sentences", type=int, default=1000,
+    sentences.add_argument("--val-sentences", type=cli_types.positive_int, default=1000,
                            help="sentences held out for validation (default: 1000)")
-    sentences.add_argument("--min-words", type=int, default=4, help="shortest sentence kept, in words (default: 4)")
-    sentences.add_argument("--max-sentences", type=int, help="keep at most this many training sentences")
+    sentences.add_argument("--min-words", type=cli_types.positive_int, default=4, help="shortest sentence kept, in words (default: 4)")
+    sentences.add_argument("--max-sentences", type=cli_types.positive_int,
+                           help="keep at most this many training sentences (default: all)")
     p.add_argument("--json", action="store_true", help="print the metadata as JSON")
 
     p = add_command(subparsers, "student", student_command)
     p.add_argument("teacher", metavar="TEACHER", help="teacher model folder or hub id")
     p.add_argument("--layers", default=None, metavar="I,J,...",
                    help="teacher layers to keep, in order (default: one in two, e.g. 0,2,4,7,9,11 of 12)")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the student")
+    p.add_argument("--out", required=True, type=cli_types.output_folder, metavar="DIR", help="folder for the student")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -90,6 +96,7 @@ def student_command(args: argparse.Namespace) -> int:
     DistilGPT2 and DistilRoBERTa did (12 layers -> 0,2,4,7,9,11). The student is saved in
     Hugging Face layout with the teacher's tokenizer.
     """
+    from distillery.cli_types import OutputFolder
     from distillery.distill.student import make_student, parse_layers
     from distillery.models import load_model
     from distillery.models.checkpoint import resolve_model_dir
@@ -104,19 +111,22 @@ def student_command(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.resolve() == teacher_dir.resolve():
         raise DistilleryError(f"--out {out} is the teacher's folder; choose another folder for the student.")
+    target = OutputFolder(out, overwrite=args.overwrite, inputs=[teacher_dir])
     if is_sentence_transformers_folder(teacher_dir):
         # A sentence encoder's student keeps its pooling, normalisation and sequence length.
         encoder = load_sentence_encoder(teacher_dir)
         teacher = encoder.model
         student = make_student(teacher, layers)
-        SentenceEncoder(student, encoder.tokenizer, encoder.pooling, encoder.normalize, encoder.max_seq_length,
-                        encoder.do_lower_case).save_pretrained(out)
+        with target.staged() as folder:
+            SentenceEncoder(student, encoder.tokenizer, encoder.pooling, encoder.normalize, encoder.max_seq_length,
+                            encoder.do_lower_case).save_pretrained(folder)
         tokenizer_copied = True
     else:
         teacher = load_model(teacher_dir)
         student = make_student(teacher, layers)
-        student.save_pretrained(out)
-        tokenizer_copied = _copy_tokenizer(teacher_dir, out)
+        with target.staged() as folder:
+            student.save_pretrained(folder)
+            tokenizer_copied = _copy_tokenizer(teacher_dir, folder)
     summary = {
         "teacher": str(args.teacher),
         "out": str(out),

@@ -364,15 +364,27 @@ def prepare_corpus(
     Text is decoded as UTF-8 (invalid bytes replaced and the documents counted), BOMs dropped,
     CRLF turned into LF; each document is followed by the EOS token when `append_eos`.
     Returns the metadata written to meta.json. An existing prepared folder is replaced only with
-    `overwrite`.
+    `overwrite`, and only once the new data is complete: everything is written into a folder beside
+    it, swapped in at the end, so a failure or Ctrl-C leaves the old data as it was.
     """
-    from tqdm import tqdm
+    from distillery.cli_types import OutputFolder
 
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    out = Path(out_dir)
-    _check_out_dir(out, overwrite)
-    sources = find_sources(inputs, include, exclude=out)
+    target = OutputFolder(out_dir, "--out", overwrite=overwrite, inputs=inputs)
+    with target.staged() as staging:
+        return _write_corpus(inputs, tokenizer, staging, target.path, include, text_field, val_fraction, seed,
+                             append_eos, progress, val_docs)
+
+
+def _write_corpus(inputs: list[str | os.PathLike], tokenizer, out: Path, final: Path, include: list[str] | None,
+                  text_field: str, val_fraction: float, seed: int, append_eos: bool, progress: bool,
+                  val_docs: int | None) -> dict[str, Any]:
+    """prepare_corpus's work, written into `out`; `final` (the folder it will become) is not read
+    as input when it lies inside an input folder."""
+    from tqdm import tqdm
+
+    sources = find_sources(inputs, include, exclude=final)
     eos = tokenizer.eos_token_id
     if append_eos and eos is None:
         raise DistilleryError("the tokenizer has no end-of-text token to separate documents; give it one "
@@ -455,17 +467,6 @@ def prepare_corpus(
     tokenizer.save_pretrained(out / TOKENIZER_DIR)
     write_json(out / META_NAME, meta)
     return meta
-
-
-def _check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise DistilleryError(f"--out {out} is a file; pass a folder.")
-    prepared = [out / name for name in (META_NAME, "train.bin", "val.bin") if (out / name).exists()]
-    if prepared and not overwrite:
-        raise DistilleryError(f"{out} already holds prepared data; pass --overwrite to replace it or choose "
-                              "another --out.")
-    # Drop the old metadata first: a run that stops halfway must not leave it describing new shards.
-    (out / META_NAME).unlink(missing_ok=True)
 
 
 def _batches(pieces: Iterable[Piece]) -> Iterator[list[Piece]]:

@@ -146,6 +146,8 @@ class RunConfig:
             raise DistilleryError(
                 f"{source} has unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(sorted(names))}."
             )
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        values = {name: _typed(name, value, defaults[name], source) for name, value in values.items()}
         try:
             return cls(**values)
         except TypeError as e:
@@ -196,6 +198,33 @@ def config_differences(saved: dict[str, Any], current: RunConfig) -> list[str]:
     now = current.identity()
     keys = sorted(set(now) | {k for k in saved if k not in RESUMABLE_CHANGES})
     return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+
+
+def _typed(name: str, value: Any, default: Any, source: str) -> Any:
+    """`value` as the kind of its setting's default. YAML reads `1e-3` (no dot) as text, so text that
+    spells a number becomes one; anything else of the wrong kind, or not finite, is named with its source."""
+    import math
+
+    kind = type(default)
+    if value is None or default is None or kind not in (bool, int, float, str):
+        return value
+    if kind in (int, float) and isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            pass
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is int and isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DistilleryError(f"{source}: setting {name} must be a finite number, got {value!r}.")
+    if kind is float and not isinstance(value, bool) and isinstance(value, (int, float)):
+        return value
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        what = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}[kind]
+        raise DistilleryError(f"{source}: setting {name} must be {what}, got {value!r}.")
+    return value
 
 
 def _given(values: dict[str, Any]) -> dict[str, Any]:

@@ -74,14 +74,34 @@ CHOICES = {"schedule": SCHEDULES, "precision": PRECISIONS, "kd_loss": KD_LOSSES,
 MODEL_SIZE_FLAGS = ("n_layer", "n_head", "n_embd", "n_positions")
 
 
+def _setting_types() -> dict[str, Any]:
+    """The command-line type (its range) of each setting; RunConfig checks them again, for YAML files.
+    A setting not named here gets a finite number of its kind."""
+    from distillery import cli_types as t
+
+    below_one = t.float_range(0.0, 1.0, high_open=True)
+    counts = ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "save_every",
+              "log_every", "relation_heads")
+    weights = ("alpha_ce", "alpha_lm", "alpha_cos", "alpha_mse", "alpha_emb", "alpha_attn", "weight_decay",
+               "grad_clip", "mlm_smoothing")
+    return {**dict.fromkeys(counts, t.positive_int), **dict.fromkeys(weights, t.non_negative_float),
+            "seed": t.seed, "warmup_steps": t.non_negative_int, "lr": t.positive_float, "adam_eps": t.positive_float,
+            "temperature": t.positive_float, "min_lr_ratio": t.probability, "beta": t.probability,
+            "adam_beta1": below_one, "adam_beta2": below_one, "mlm_prob": t.open_fraction,
+            "device": t.device_or_auto, "data": t.existing_folder, "out": t.output_folder,
+            "eval_sts": t.existing_file}
+
+
 def register(subparsers) -> None:
     from distillery.cli import add_command
 
     p = add_command(subparsers, "train", train_command)
     p.add_argument("--model",
                    help="checkpoint folder / hub id, or a preset (gpt2, distilgpt2, roberta-base, ...)")
+    from distillery import cli_types
+
     for name in MODEL_SIZE_FLAGS:
-        p.add_argument(_flag(name), type=int, help=f"preset override: {name}")
+        p.add_argument(_flag(name), type=cli_types.positive_int, help=f"preset override: {name}")
     _add_run_flags(p, SHARED_SETTINGS)
 
     p = add_command(subparsers, "distill", distill_command)
@@ -91,26 +111,31 @@ def register(subparsers) -> None:
     _add_run_flags(p, {**SHARED_SETTINGS, **DISTILL_SETTINGS})
 
     p = add_command(subparsers, "demo", demo_command)
-    p.add_argument("--out", default="runs/demo", help="folder for everything the demo makes")
-    p.add_argument("--scale", type=float, default=1.0,
+    p.add_argument("--out", default="runs/demo", type=cli_types.output_folder,
+                   help="folder for everything the demo makes (a rerun starts its runs afresh)")
+    p.add_argument("--scale", type=cli_types.float_range(0.0, 100.0, low_open=True), default=1.0,
                    help="multiply the training steps by this and the model width by its square root "
                         "(2: a bigger, slower demo)")
-    p.add_argument("--teacher-steps", type=int, help="teacher pre-training steps (default from --scale)")
-    p.add_argument("--student-steps", type=int, help="distillation steps (default from --scale)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher-steps", type=cli_types.positive_int, help="teacher pre-training steps (default from --scale)")
+    p.add_argument("--student-steps", type=cli_types.positive_int, help="distillation steps (default from --scale)")
+    p.add_argument("--seed", type=cli_types.seed, default=0, help="random seed")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
 def _add_run_flags(p: argparse.ArgumentParser, settings: dict[str, str]) -> None:
-    p.add_argument("--config", help="YAML file of settings (flags override it)")
+    from distillery import cli_types
+
+    p.add_argument("--config", type=cli_types.existing_file, help="YAML file of settings (flags override it)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     types = {f.name: type(f.default) for f in dataclasses.fields(RunConfig)}
+    ranges = _setting_types()
+    fallback = {int: cli_types.int_range(-cli_types.MAX_COUNT), float: cli_types.finite_float}
     for name, help_text in settings.items():
         if types[name] is bool:
             p.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            kind = types[name] if types[name] in (int, float) else str
+            kind = ranges.get(name) or fallback.get(types[name], cli_types.text)
             p.add_argument(_flag(name), type=kind, choices=CHOICES.get(name), help=help_text)
 
 
@@ -121,15 +146,20 @@ def _flag(name: str) -> str:
 def resolve_config(args: argparse.Namespace, kind: str, settings: dict[str, str], **extra: Any) -> RunConfig:
     """Defaults <- YAML (--config, or the run's config.yaml on --resume) <- flags."""
     base: dict[str, Any] = {}
+    if args.resume and args.out and not any((Path(args.out) / name).is_file()
+                                            for name in ("config.yaml", "checkpoint.pt")):
+        raise DistilleryError(f"There is no run to resume in --out {args.out} (no config.yaml or checkpoint.pt); "
+                              "check the folder, or drop --resume to start a run there.")
     if args.config:
         base = read_yaml(args.config)
-        source = args.config
+        source = str(args.config)
     elif args.resume and args.out and (Path(args.out) / "config.yaml").is_file():
         base = read_yaml(Path(args.out) / "config.yaml")
         source = str(Path(args.out) / "config.yaml")
     else:
         source = "the flags"
     flags = {name: getattr(args, name) for name in settings if getattr(args, name) is not None}
+    flags = {name: str(v) if isinstance(v, Path) else v for name, v in flags.items()}  # YAML keeps plain text
     values = {**base, "kind": kind, **flags, **{k: v for k, v in extra.items() if v is not None}}
     return RunConfig.from_dict(values, source=source)
 

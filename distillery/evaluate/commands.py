@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from distillery import cli_types
 from distillery.cli import add_command, print_json
 from distillery.models.common import DistilleryError
 
@@ -25,110 +26,137 @@ def register(subparsers) -> None:
 
     q = add_command(evals, "perplexity", perplexity_command)
     q.add_argument("model", metavar="MODEL", help="model folder or hub id (causal or masked LM)")
-    q.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text file, scored as it is")
-    q.add_argument("--max-length", type=int, help="window length in tokens (default: the model's context)")
-    q.add_argument("--stride", type=int, help="tokens between window starts (default: half the window)")
-    q.add_argument("--batch-size", type=int, default=8, help="windows (or masked copies) per forward pass")
+    q.add_argument("--data", required=True, metavar="FILE", type=cli_types.existing_file,
+                   help="UTF-8 text file, scored as it is")
+    q.add_argument("--max-length", type=cli_types.positive_int,
+                   help="window length in tokens (default: the model's context)")
+    q.add_argument("--stride", type=cli_types.positive_int,
+                   help="tokens between window starts (default: half the window)")
+    q.add_argument("--batch-size", type=cli_types.positive_int, default=8,
+                   help="windows (or masked copies) per forward pass")
     _add_common(q)
 
     q = add_command(evals, "bias", bias_command)
     q.add_argument("model", metavar="MODEL", help="model folder or hub id")
-    q.add_argument("--data", default=str(DEFAULT_BIAS_DATA), metavar="DIR",
+    q.add_argument("--data", default=str(DEFAULT_BIAS_DATA), metavar="DIR", type=cli_types.existing_folder,
                    help="the bias data folder (crows_pairs/, stereoset_editbias_subsets/, honest/, hurtlex/, winobias/, "
                         "bold/; default: ../shared/data/bias)")
-    q.add_argument("--limit", type=int, help="use only the first N items of each probe (WinoBias: of each type; "
-                                             "BOLD: at most N prompts per group)")
-    q.add_argument("--bold-per-group", type=int, default=5, metavar="N",
+    q.add_argument("--limit", type=cli_types.positive_int, metavar="N",
+                   help="use only the first N items of each probe (WinoBias: of each type; BOLD: at most N prompts "
+                        "per group; default: all)")
+    q.add_argument("--bold-per-group", type=cli_types.positive_int, default=5, metavar="N",
                    help="BOLD prompts sampled per group, causal LMs only (default: 5)")
-    q.add_argument("--bold-seed", type=int, default=0, help="seed of the BOLD prompt sample (default: 0)")
+    q.add_argument("--bold-seed", type=cli_types.seed, default=0, help="seed of the BOLD prompt sample (default: 0)")
     _add_common(q)
 
     q = add_command(evals, "speed", speed_command)
     q.add_argument("student", metavar="STUDENT", help="the small model's folder")
     q.add_argument("teacher", metavar="TEACHER", help="the big model's folder")
-    q.add_argument("--batch-size", type=int, default=8, help="sequences per encoding batch (default: 8)")
-    q.add_argument("--seq-len", type=int, default=256, help="tokens per encoded sequence (default: 256)")
-    q.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per generation run (default: 64)")
-    q.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported (default: 3)")
+    q.add_argument("--batch-size", type=cli_types.positive_int, default=8,
+                   help="sequences per encoding batch (default: 8)")
+    q.add_argument("--seq-len", type=cli_types.positive_int, default=256,
+                   help="tokens per encoded sequence, lowered to the models' positions (default: 256)")
+    q.add_argument("--new-tokens", type=cli_types.positive_int, default=64,
+                   help="tokens decoded per generation run, lowered to what the positions leave (default: 64)")
+    q.add_argument("--repeats", type=cli_types.positive_int, default=3,
+                   help="timed repeats; the median is reported (default: 3)")
     _add_common(q)
 
     q = add_command(subparsers, "glue", glue_command)
     q.add_argument("task", metavar="TASK", help="cola, sst2, mrpc, stsb, rte, qnli, qqp, mnli or wnli")
     q.add_argument("model", metavar="MODEL", help="a RoBERTa checkpoint (its head is sized for the task)")
-    q.add_argument("--data", required=True, metavar="DIR", help="the task's GLUE folder (train.tsv, dev.tsv)")
-    q.add_argument("--epochs", type=int, default=3)
-    q.add_argument("--batch-size", type=int, default=16)
-    q.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (default: 2e-5)")
-    q.add_argument("--warmup-ratio", type=float, default=0.06, help="share of steps spent warming up")
-    q.add_argument("--weight-decay", type=float, default=0.01)
-    q.add_argument("--max-length", type=int, default=128, help="tokens per example, pair included")
-    q.add_argument("--max-train-examples", type=int, help="fine-tune on a random subset of this size")
-    q.add_argument("--seed", type=int, default=42)
-    q.add_argument("--output-dir", metavar="DIR", help="save the fine-tuned model here")
+    q.add_argument("--data", required=True, metavar="DIR", type=cli_types.existing_folder,
+                   help="the task's GLUE folder (train.tsv, dev.tsv)")
+    _add_finetune_flags(q, epochs=3, batch_size=16, lr=2e-5, warmup_ratio=0.06, weight_decay=0.01)
+    q.add_argument("--max-length", type=cli_types.positive_int, default=128,
+                   help="tokens per example, pair included")
+    q.add_argument("--max-train-examples", type=cli_types.positive_int,
+                   help="fine-tune on a random subset of this size (default: all)")
+    q.add_argument("--out", "--output-dir", dest="out", metavar="DIR", type=cli_types.output_folder,
+                   help="save the fine-tuned model and its tokenizer here (default: not saved)")
+    q.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     _add_common(q)
 
     q = add_command(subparsers, "token-classification", token_classification_command)
     q.add_argument("model", metavar="MODEL", help="a RoBERTa checkpoint (a new tagging head is added)")
-    q.add_argument("--train", required=True, metavar="FILE", help="CoNLL-style training file (word ... tag)")
-    q.add_argument("--dev", required=True, metavar="FILE", help="CoNLL-style evaluation file")
-    q.add_argument("--epochs", type=int, default=3)
-    q.add_argument("--batch-size", type=int, default=16)
-    q.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (default: 5e-5)")
-    q.add_argument("--warmup-ratio", type=float, default=0.06)
-    q.add_argument("--weight-decay", type=float, default=0.01)
-    q.add_argument("--max-length", type=int, default=128)
-    q.add_argument("--seed", type=int, default=42)
+    q.add_argument("--train", required=True, metavar="FILE", type=cli_types.existing_file,
+                   help="CoNLL-style training file (word ... tag)")
+    q.add_argument("--dev", required=True, metavar="FILE", type=cli_types.existing_file,
+                   help="CoNLL-style evaluation file")
+    _add_finetune_flags(q, epochs=3, batch_size=16, lr=5e-5, warmup_ratio=0.06, weight_decay=0.01)
+    q.add_argument("--max-length", type=cli_types.int_range(3), default=128,
+                   help="tokens per sentence, <s> and </s> included")
     _add_common(q)
 
     q = add_command(subparsers, "question-answering", question_answering_command)
     q.add_argument("model", metavar="MODEL", help="a RoBERTa checkpoint (a new span head is added)")
-    q.add_argument("--train", required=True, metavar="FILE", help="SQuAD-style training JSON")
-    q.add_argument("--dev", required=True, metavar="FILE", help="SQuAD-style evaluation JSON")
-    q.add_argument("--epochs", type=int, default=2)
-    q.add_argument("--batch-size", type=int, default=12)
-    q.add_argument("--lr", type=float, default=3e-5, help="peak learning rate (default: 3e-5)")
-    q.add_argument("--warmup-ratio", type=float, default=0.06)
-    q.add_argument("--weight-decay", type=float, default=0.01)
-    q.add_argument("--max-length", type=int, default=384, help="tokens per window, question included")
-    q.add_argument("--doc-stride", type=int, default=128, help="tokens shared by consecutive context windows")
-    q.add_argument("--seed", type=int, default=42)
+    q.add_argument("--train", required=True, metavar="FILE", type=cli_types.existing_file,
+                   help="SQuAD-style training JSON")
+    q.add_argument("--dev", required=True, metavar="FILE", type=cli_types.existing_file,
+                   help="SQuAD-style evaluation JSON")
+    _add_finetune_flags(q, epochs=2, batch_size=12, lr=3e-5, warmup_ratio=0.06, weight_decay=0.01)
+    q.add_argument("--max-length", type=cli_types.positive_int, default=384,
+                   help="tokens per window, question included")
+    q.add_argument("--doc-stride", type=cli_types.positive_int, default=128,
+                   help="tokens shared by consecutive context windows")
     _add_common(q)
 
     q = add_command(subparsers, "finetune", finetune_command)
     q.add_argument("model", metavar="MODEL", help="a GPT-2 family checkpoint")
-    q.add_argument("--train", required=True, metavar="FILE", help="UTF-8 training text, used as it is")
-    q.add_argument("--eval", metavar="FILE", help="score this text's perplexity after training")
-    q.add_argument("--out", required=True, metavar="DIR", help="where to save the fine-tuned model and results.json")
-    q.add_argument("--epochs", type=int, default=1)
-    q.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    q.add_argument("--block-size", type=int, default=512, help="tokens per training block (default: 512)")
-    q.add_argument("--batch-size", type=int, default=8)
-    q.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (default: 5e-5)")
-    q.add_argument("--warmup-ratio", type=float, default=0.0)
-    q.add_argument("--weight-decay", type=float, default=0.0)
-    q.add_argument("--stride", type=int, help="perplexity stride for --eval (default: half the block)")
-    q.add_argument("--seed", type=int, default=42)
-    q.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    q.add_argument("--train", required=True, metavar="FILE", type=cli_types.existing_file,
+                   help="UTF-8 training text, used as it is")
+    q.add_argument("--eval", metavar="FILE", type=cli_types.existing_file,
+                   help="score this text's perplexity after training")
+    q.add_argument("--out", required=True, metavar="DIR", type=cli_types.output_folder,
+                   help="where to save the fine-tuned model and results.json")
+    q.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    _add_finetune_flags(q, epochs=1, batch_size=8, lr=5e-5, warmup_ratio=0.0, weight_decay=0.0)
+    q.add_argument("--max-steps", type=cli_types.positive_int,
+                   help="stop after this many optimizer steps (default: the epochs decide)")
+    q.add_argument("--block-size", type=cli_types.int_range(2), default=512,
+                   help="tokens per training block, lowered to the model's positions (default: 512)")
+    q.add_argument("--stride", type=cli_types.positive_int,
+                   help="perplexity stride for --eval (default: half the block)")
+    q.add_argument("--device", default="cpu", type=cli_types.device, help="torch device (default: cpu)")
     q.add_argument("--json", action="store_true", help="print the result as JSON")
 
     q = add_command(subparsers, "card", card_command)
-    q.add_argument("source", metavar="RUN_OR_MODEL", help="a run folder (config.yaml, metrics.jsonl) or a model folder")
-    q.add_argument("--out", required=True, metavar="README.md", help="where to write the card")
-    q.add_argument("--teacher-eval", metavar="DIR", help="the teacher's eval/ folder, for side-by-side numbers")
+    q.add_argument("source", metavar="RUN_OR_MODEL", type=cli_types.existing_folder,
+                   help="a run folder (config.yaml, metrics.jsonl) or a model folder")
+    q.add_argument("--out", required=True, metavar="README.md", type=cli_types.markdown_file,
+                   help="where to write the card (its plots go beside it)")
+    q.add_argument("--teacher-eval", metavar="DIR", type=cli_types.existing_folder,
+                   help="the teacher's eval/ folder, for side-by-side numbers")
+
+
+def _add_finetune_flags(p: argparse.ArgumentParser, epochs: int, batch_size: int, lr: float, warmup_ratio: float,
+                        weight_decay: float) -> None:
+    """The optimisation flags every fine-tuning command shares, with its own defaults."""
+    p.add_argument("--epochs", type=cli_types.positive_int, default=epochs, help="passes over the training data")
+    p.add_argument("--batch-size", type=cli_types.positive_int, default=batch_size, help="examples per step")
+    p.add_argument("--lr", type=cli_types.positive_float, default=lr, help="peak learning rate")
+    p.add_argument("--warmup-ratio", type=cli_types.probability, default=warmup_ratio,
+                   help="share of steps spent warming up")
+    p.add_argument("--weight-decay", type=cli_types.non_negative_float, default=weight_decay,
+                   help="AdamW weight decay")
+    p.add_argument("--seed", type=cli_types.seed, default=42, help="random seed")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--save", metavar="FILE", help="also write the result as JSON (e.g. RUN/eval/perplexity.json)")
+    p.add_argument("--device", default="cpu", type=cli_types.device, help="torch device (default: cpu)")
+    p.add_argument("--save", metavar="FILE", type=cli_types.result_file,
+                   help="also write the result as JSON (e.g. RUN/eval/perplexity.json; a result saved there "
+                        "before is replaced)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def _finish(args: argparse.Namespace, result: dict[str, Any], lines: list[str]) -> int:
     if args.save:
+        from distillery.cli import json_safe
         from distillery.models.checkpoint import write_json
 
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
-        write_json(Path(args.save), result)
+        write_json(Path(args.save), json_safe(result))  # strict JSON, as --json prints
     if args.json:
         print_json(result)
     else:
@@ -233,10 +261,13 @@ def glue_command(args: argparse.Namespace) -> int:
     AdamW with linear warm-up and linear decay; prints the task's metrics and the results row
     in the model cards' layout.
     """
+    from distillery.cli_types import OutputFolder
     from distillery.evaluate import glue
     from distillery.tokenizer import load_tokenizer
 
     task = glue.get_task(args.task)
+    # Checked before the first step, so a run is never lost to an output folder it cannot use.
+    target = OutputFolder(args.out, overwrite=args.overwrite, inputs=[args.model, args.data]) if args.out else None
     splits = glue.read_task(task, args.data)
     model = glue.load_classifier(args.model, task, args.device)
     tokenizer = load_tokenizer(args.model)
@@ -245,9 +276,10 @@ def glue_command(args: argparse.Namespace) -> int:
                                      max_length=args.max_length, seed=args.seed,
                                      max_train_examples=args.max_train_examples)
     result = {"model": args.model, **glue.finetune_glue(model, tokenizer, task, splits, settings)}
-    if args.output_dir:
-        model.save_pretrained(args.output_dir)
-        tokenizer.save_pretrained(args.output_dir)
+    if target is not None:
+        with target.staged() as folder:
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
     lines = [f"{task.name} {split}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "examples")
              + f" ({m['examples']} examples)" for split, m in result["metrics"].items()]
     lines.append(glue.card_row({task.name: result["card_score"]}))
@@ -295,16 +327,23 @@ def finetune_command(args: argparse.Namespace) -> int:
 
     Saves the model, its tokenizer and results.json (settings, loss curve, perplexity) under --out.
     """
+    from distillery.cli import json_safe
+    from distillery.cli_types import OutputFolder
     from distillery.evaluate.finetune import CausalFinetuneSettings, finetune_causal_lm
     from distillery.evaluate.perplexity import perplexity, read_text
     from distillery.models import load_model
     from distillery.models.checkpoint import write_json
     from distillery.tokenizer import load_tokenizer
 
+    # Everything that could fail after training is checked before it: the output folder, the texts.
+    target = OutputFolder(args.out, overwrite=args.overwrite, inputs=[args.model, args.train, args.eval])
     train_text = read_text(args.train)
     eval_text = read_text(args.eval) if args.eval else None
     model = load_model(args.model, device=args.device)
     tokenizer = load_tokenizer(args.model)
+    if eval_text is not None and len(tokenizer.encode(eval_text)) < 2:
+        raise DistilleryError(f"--eval {args.eval} holds fewer than 2 tokens, too few for a perplexity; pass a "
+                              "longer text.")
     settings = CausalFinetuneSettings(epochs=args.epochs, block_size=args.block_size, batch_size=args.batch_size,
                                       learning_rate=args.lr, weight_decay=args.weight_decay,
                                       warmup_ratio=args.warmup_ratio, max_steps=args.max_steps, seed=args.seed)
@@ -314,9 +353,10 @@ def finetune_command(args: argparse.Namespace) -> int:
         result["perplexity"] = {"data": args.eval, **perplexity(
             model, tokenizer, eval_text, settings.block_size, args.stride, source=args.eval, progress=True)}
     out = Path(args.out)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    write_json(out / "results.json", result)
+    with target.staged() as folder:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        write_json(folder / "results.json", json_safe(result))
     lines = [f"{result['steps']} steps, final training loss {result['final_train_loss']:.4f}; saved to {out}"]
     if "perplexity" in result:
         lines.append(f"perplexity on {args.eval}: {result['perplexity']['perplexity']:.3f}")

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import gc
 import resource
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -241,6 +242,25 @@ def time_fill_mask(model: nn.Module, input_ids: torch.Tensor, mask_pos: torch.Te
 # The bench
 
 
+def fit_to_positions(settings: BenchSettings, model: Pretrained, spec: str) -> BenchSettings:
+    """`settings` with the forward shape's tokens and prompt + new tokens lowered to what the model's
+    positions hold (a 128-position model cannot run the default 8x256 forward); said once on stderr."""
+    config = model.config
+    positions = next((getattr(config, name) for name in ("n_positions", "max_tokens", "max_position_embeddings")
+                      if isinstance(getattr(config, name, None), int)), None)
+    if positions is None:
+        return settings
+    batch, tokens = settings.forward_shape
+    prompt = min(settings.prompt_tokens, max(1, positions - 2))
+    new = min(settings.new_tokens, positions - prompt) if model.family == "gpt2" else settings.new_tokens
+    fitted = replace(settings, forward_shape=(batch, min(tokens, positions)), prompt_tokens=prompt,
+                     new_tokens=max(new, 2))
+    if fitted != settings:
+        print(f"note: {spec} has {positions} positions; measuring a {batch}x{fitted.forward_shape[1]} forward, "
+              f"{fitted.prompt_tokens} prompt tokens and {fitted.new_tokens} new tokens", file=sys.stderr)
+    return fitted
+
+
 def bench_model(spec: str, dtype: str, settings: BenchSettings, bandwidth_gbs: float,
                 progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """All figures for one model in one dtype (see `run_bench`)."""
@@ -263,6 +283,7 @@ def bench_model(spec: str, dtype: str, settings: BenchSettings, bandwidth_gbs: f
         layout = "onednn-packed" if "onednn-packed" in layouts else "input-major"
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
+    settings = fit_to_positions(settings, model, spec)
     row: dict[str, Any] = {
         "model": spec, "family": model.family, "task": model.task, "dtype": dtype, "layout": layout,
         "parameters": parameters, "weights_mb": round(weights_mb(model), 1),

@@ -6,10 +6,13 @@ import argparse
 
 from tqdm import tqdm
 
+from distillery import cli_types
 from distillery.cli import add_command, print_json
 from distillery.generation.bench import BenchSettings, check_preset, format_report, run_bench
 from distillery.generation.quantize import QUANTIZE_DTYPES
 from distillery.models.common import DistilleryError
+
+MAX_BATCH = 4096  # larger batches of a timing run are typos, and would only fail allocating
 
 
 def register(subparsers) -> None:
@@ -19,12 +22,17 @@ def register(subparsers) -> None:
                         "preset:distilroberta-base, ...)")
     p.add_argument("--dtype", default="fp32", help=f"comma-separated, from {','.join(QUANTIZE_DTYPES)} (default fp32)")
     p.add_argument("--batch", default="1,8", help="comma-separated decode batch sizes (default 1,8)")
-    p.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per timed run (default 32)")
-    p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length (default 16)")
-    p.add_argument("--forward-shape", default="8x256", help="BATCHxTOKENS of the full-forward timing (default 8x256)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the fastest counts (default 3)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: bench that GPU, its memory bandwidth "
+    p.add_argument("--new-tokens", type=cli_types.int_range(2), default=32,
+                   help="tokens decoded per timed run, lowered to what the model's positions leave (default 32)")
+    p.add_argument("--prompt-tokens", type=cli_types.positive_int, default=16, help="prompt length (default 16)")
+    p.add_argument("--forward-shape", default="8x256",
+                   help="BATCHxTOKENS of the full-forward timing, tokens lowered to the model's positions "
+                        "(default 8x256)")
+    p.add_argument("--repeats", type=cli_types.positive_int, default=3,
+                   help="timed runs per figure; the fastest counts (default 3)")
+    p.add_argument("--threads", type=cli_types.int_range(1, 1024), default=None,
+                   help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", type=cli_types.device, help="cpu (default) or cuda[:N]: bench that GPU, its memory bandwidth "
                    "included (fp32 and bf16; int8 is CPU only)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="with --device cuda: our decode steps replayed as one CUDA graph each")
@@ -81,11 +89,14 @@ def _split(value: str, kind: type, flag: str) -> list:
         raise DistilleryError(f"{flag} {value!r} is not a comma-separated list of {kind.__name__}s.") from e
     if not items:
         raise DistilleryError(f"{flag} needs at least one value.")
+    if kind is int and not all(1 <= i <= MAX_BATCH for i in items):
+        raise DistilleryError(f"{flag} {value!r} must hold batch sizes from 1 to {MAX_BATCH}.")
     return items
 
 
 def _shape(value: str) -> tuple[int, int]:
     parts = value.lower().split("x")
-    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise DistilleryError(f"--forward-shape {value!r} must be BATCHxTOKENS, e.g. 8x256.")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts) or int(parts[0]) > MAX_BATCH:
+        raise DistilleryError(f"--forward-shape {value!r} must be BATCHxTOKENS with a batch from 1 to {MAX_BATCH}, "
+                              "e.g. 8x256.")
     return int(parts[0]), int(parts[1])

@@ -100,7 +100,7 @@ def test_cli_json(tiny_gpt2_dir, capsys):
     (["--batch", "0"], "--batch"),
     (["--new-tokens", "1"], "--new-tokens"),
     (["--forward-shape", "8by256"], "--forward-shape"),
-    (["--device", "tpu"], "--device 'tpu' is not a device torch knows"),
+    (["--device", "tpu"], "argument --device: 'tpu' is not a torch device"),
     (["--device", "meta"], "the bench runs on cpu or cuda"),
     (["--cuda-graphs"], "--cuda-graphs needs --device cuda"),
     (["preset:gpt5"], "Unknown preset 'gpt5'"),
@@ -114,4 +114,4 @@ def test_cli_bad_settings(tiny_gpt2_dir, capsys, flags, message):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_cli_cuda_without_a_gpu(tiny_gpt2_dir, capsys):
     assert main(["bench", str(tiny_gpt2_dir), "--device", "cuda"]) == 2
-    assert "sees no CUDA GPU here" in capsys.readouterr().err
+    assert "asks for CUDA but no CUDA device is available" in capsys.readouterr().err
