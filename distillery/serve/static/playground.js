@@ -190,7 +190,8 @@ const write = {
     };
   },
 
-  // Tab: three continuations of the text before the cursor, each streamed into its own line.
+  // Tab: three continuations of the text before the cursor, each streamed into its own line (one
+  // when greedy: the three would be the same).
   suggest() {
     this.dismiss();
     const editor = $("editor");
@@ -201,7 +202,8 @@ const write = {
     const list = $("suggestions");
     this.controller = new AbortController();
     const signal = this.controller.signal;
-    this.items = [0, 1, 2].map((i) => {
+    const count = settings.temperature > 0 ? 3 : 1;
+    this.items = Array.from({ length: count }, (_, i) => {
       const element = document.createElement("li");
       element.dataset.testid = "suggestion";
       element.className = "streaming";
