@@ -397,6 +397,7 @@ def load_test(server: ServerProcess, specs: list[Spec], concurrency: int) -> dic
     outcomes, seconds = asyncio.run(run())
     rss_after = settled_rss(server)
     alive = server.alive() and health(server.url)
+    left = gauges(server.url) if alive else {}
     valid = [o for o in outcomes if o.valid and not o.hung_up]
     invalid = [o for o in outcomes if not o.valid]
     first_tokens = [o.first_token for o in outcomes if o.first_token is not None]
@@ -418,6 +419,8 @@ def load_test(server: ServerProcess, specs: list[Spec], concurrency: int) -> dic
         "problems": [f"{o.kind}: {o.problem}" for o in outcomes if o.problem][:10],
         "by_kind": kinds,
         "server_alive_after": alive,
+        "server_idle_after": alive and left["in_flight"] == left["queued"] == left["batch_rows"] == 0,
+        "cancelled_by_server": left.get("cancelled", 0.0),
         "rss_mb_before": rss_before, "rss_mb_peak": peak[0], "rss_mb_after": rss_after,
         "rss_back_to_start": rss_after <= rss_before + tolerance, "rss_tolerance_mb": tolerance,
         "ttft_ms_p50": percentile(first_tokens, 50) * 1e3, "ttft_ms_p99": percentile(first_tokens, 99) * 1e3,
@@ -469,6 +472,24 @@ def settled_rss(server: ServerProcess, seconds: float = 2.0) -> float:
     return min(readings)
 
 
+def gauges(url: str) -> dict[str, float]:
+    """The server's /metrics gauges that say whether work is left: requests in flight, the queue,
+    rows in the running batches (summed over models); and its cancelled requests."""
+    import httpx
+
+    wanted = {"distillery_requests_in_flight": "in_flight", "distillery_queue_size": "queued",
+              "distillery_batch_current_size": "batch_rows"}
+    found = {"in_flight": 0.0, "queued": 0.0, "batch_rows": 0.0, "cancelled": 0.0}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        name, _, value = line.partition(" ")
+        base = name.split("{")[0]
+        if base in wanted:
+            found[wanted[base]] += float(value.split()[0])
+        elif base == "distillery_request_failure_total" and 'reason="cancelled"' in name:
+            found["cancelled"] += float(value.split()[0])
+    return found
+
+
 def health(url: str) -> bool:
     import httpx
 
@@ -515,8 +536,10 @@ def print_report(load: dict[str, Any], gain: dict[str, Any]) -> None:
          check(load["invalid_answered_4xx_json"] == load["invalid"])),
         ("5xx answers", str(load["status_5xx"]), check(load["status_5xx"] == 0)),
         ("transport errors", str(load["transport_errors"]), check(load["transport_errors"] == 0)),
-        ("clients that hung up mid-stream", str(load["hung_up_mid_stream"]), ""),
+        ("clients that hung up mid-stream / cancelled", f"{load['hung_up_mid_stream']} / "
+                                                         f"{load['cancelled_by_server']:.0f}", ""),
         ("server alive afterwards", "", check(load["server_alive_after"])),
+        ("nothing left running (in flight, queue, rows)", "", check(load["server_idle_after"])),
         ("server RSS before / peak / after (MB)",
          f"{load['rss_mb_before']:.0f} / {load['rss_mb_peak']:.0f} / {load['rss_mb_after']:.0f}",
          check(load["rss_back_to_start"])),
@@ -590,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
         print_report(load, gain)
     passed = (load["valid_answered_completely"] == load["valid"] and load["status_5xx"] == 0
               and load["invalid_answered_4xx_json"] == load["invalid"] and load["transport_errors"] == 0
-              and load["server_alive_after"] and load["rss_back_to_start"])
+              and load["server_alive_after"] and load["server_idle_after"] and load["rss_back_to_start"])
     return 0 if passed else 1
 
 
