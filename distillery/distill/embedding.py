@@ -18,6 +18,7 @@ resumed run continues with the very next sentence.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import sys
@@ -122,23 +123,36 @@ def _qkv_module(layer: nn.Module) -> nn.Module:
                           f"({type(layer).__name__} has none); set --alpha-attn 0.")
 
 
-def sentence_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The order sentences are drawn in during `epoch`: a permutation fixed by seed and epoch."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+POOL_BATCHES = 32  # batches whose sentences are sorted by length together
 
 
-def draw(sentences: list[str], cursor: tuple[int, int], batch_size: int, seed: int) -> tuple[list[str], tuple[int, int]]:
-    """The next batch from (epoch, position), and the cursor after it."""
-    epoch, position = cursor
-    batch: list[str] = []
-    while len(batch) < batch_size:
-        order = sentence_order(len(sentences), seed, epoch)
-        take = order[position:position + batch_size - len(batch)].tolist()
-        batch.extend(sentences[i] for i in take)
-        position += len(take)
-        if position >= len(sentences):
-            epoch, position = epoch + 1, 0
-    return batch, (epoch, position)
+@functools.lru_cache(maxsize=2)
+def epoch_batches(lengths: tuple[int, ...], batch_size: int, seed: int, epoch: int) -> tuple[tuple[int, ...], ...]:
+    """The batches of sentence indices of one epoch, fixed by seed and epoch.
+
+    Sentences are shuffled, cut into pools of POOL_BATCHES batches, sorted by length within each
+    pool (so a batch pads little: books mix three-word and eighty-word sentences) and cut into
+    batches, whose order is then shuffled again. The last partial batch of an epoch is dropped.
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    batches = []
+    pool = batch_size * POOL_BATCHES
+    for start in range(0, len(order) - batch_size + 1, pool):
+        members = sorted(order[start:start + pool], key=lambda i: lengths[i])
+        batches.extend(tuple(members[j:j + batch_size]) for j in range(0, len(members) - batch_size + 1, batch_size))
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return tuple(batches[i] for i in shuffled)
+
+
+def draw(sentences: list[str], lengths: tuple[int, ...], cursor: tuple[int, int], batch_size: int,
+         seed: int) -> tuple[list[str], tuple[int, int]]:
+    """The batch at (epoch, batch number), and the cursor after it."""
+    epoch, index = cursor
+    batches = epoch_batches(lengths, batch_size, seed, epoch)
+    batch = [sentences[i] for i in batches[index]]
+    index += 1
+    return batch, ((epoch + 1, 0) if index >= len(batches) else (epoch, index))
 
 
 @torch.no_grad()
@@ -190,6 +204,7 @@ def run_embedding(config: RunConfig, procs, out: Path, resume: bool, progress: b
         from distillery.evaluate.sts import read_sts
 
         sts_pairs = read_sts(config.eval_sts)
+    lengths = tuple(len(t) for t in train)  # characters: the order only needs to group similar lengths
     teacher, student = load_encoders(config)
     for encoder in (teacher, student):
         encoder.max_seq_length = min(encoder.max_seq_length, config.seq_len)
@@ -233,7 +248,7 @@ def run_embedding(config: RunConfig, procs, out: Path, resume: bool, progress: b
     started = time.perf_counter()
     while step < config.max_steps:
         step_started = time.perf_counter()
-        texts, cursor = draw(train, cursor, config.batch_size, config.seed)
+        texts, cursor = draw(train, lengths, cursor, config.batch_size, config.seed)
         batch = teacher.tokenize(texts)
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         with torch.inference_mode():
@@ -261,7 +276,7 @@ def run_embedding(config: RunConfig, procs, out: Path, resume: bool, progress: b
         per_s = (step - started_step) * config.batch_size / max(train_seconds, 1e-9)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3g}", sent_s=f"{per_s:,.0f}",
+            bar.set_postfix(loss=f"{float(loss.detach()):.3g}", sent_s=f"{per_s:,.0f}",
                             sts="-" if last_eval is None else f"{last_eval:.2f}")
         if step % config.log_every == 0 or step == config.max_steps:
             n = config.log_every if step % config.log_every == 0 else step % config.log_every

@@ -51,6 +51,8 @@ def split_sentences(text: str) -> Iterator[str]:
     for paragraph in re.split(r"\n\s*\n", text.replace("\r\n", "\n").replace("\r", "\n")):
         joined = " ".join(paragraph.split())
         pending = ""
+        if not joined:
+            continue
         for part in _SENTENCE_END.split(joined):
             pending = f"{pending} {part}" if pending else part
             if not _ENDS_WITH_ABBREVIATION.search(pending):

@@ -18,6 +18,7 @@ from distillery.distill.run_config import (
     OBJECTIVES,
     PRECISIONS,
     SCHEDULES,
+    TEACHER_DTYPES,
     RunConfig,
     read_yaml,
 )
@@ -43,6 +44,9 @@ SHARED_SETTINGS = {
     "grad_clip": "gradient norm clipping (0: off)",
     "precision": f"{', '.join(PRECISIONS)} (auto: bf16 on GPU, fp32 on CPU)",
     "device": "auto, cpu, cuda, cuda:1, ...",
+    "chunked_loss": "compute the vocabulary head and losses chunk by chunk (same numbers, far less memory)",
+    "loss_chunk_size": "positions per chunk of the chunked loss",
+    "compile": "torch.compile the student's forward and backward (the first step compiles)",
     "mlm_prob": "masked LM: fraction of tokens masked",
     "mlm_smoothing": "masked LM: masking weight count^-smoothing (0: uniform, as BERT/RoBERTa pre-training)",
     "eval_every": "steps between validation perplexities",
@@ -62,6 +66,7 @@ DISTILL_SETTINGS = {
     "beta": "gjsd: 0 is forward KL, 1 reverse KL",
     "cos_layers": f"{', '.join(COS_LAYERS)}: cosine on the last layer or every student layer",
     "kd_masked_only": "masked LM: soft targets only at masked positions",
+    "teacher_dtype": f"{', '.join(TEACHER_DTYPES)}: weights of the frozen teacher's forward (int8: CPU only)",
     "objective": "lm (logits and hidden states of language models) or embedding (sentence encoders, "
                  "data from `prepare --sentences`)",
     "alpha_emb": "embedding: weight of the MSE between pooled sentence embeddings",
@@ -70,7 +75,7 @@ DISTILL_SETTINGS = {
     "eval_sts": "embedding: STS-B file scored (Spearman) at every evaluation",
 }
 CHOICES = {"schedule": SCHEDULES, "precision": PRECISIONS, "kd_loss": KD_LOSSES, "cos_layers": COS_LAYERS,
-           "objective": OBJECTIVES}
+           "objective": OBJECTIVES, "teacher_dtype": TEACHER_DTYPES}
 MODEL_SIZE_FLAGS = ("n_layer", "n_head", "n_embd", "n_positions")
 
 
@@ -173,6 +178,10 @@ def _run_and_report(config: RunConfig, args: argparse.Namespace) -> int:
         return 0
     if args.json:
         print_json(summary)
+    elif summary.get("objective") == "embedding":
+        sts = f", STS Spearman {summary['val_sts_spearman']:.2f}" if "val_sts_spearman" in summary else ""
+        print(f"{summary['steps']} steps, {summary['sentences']:,} sentences; validation embedding MSE "
+              f"{summary['val_loss']:.3g}{sts}; model saved to {summary['model']}")
     else:
         print(f"{summary['steps']} steps, {summary['tokens']:,} tokens; validation perplexity "
               f"{summary['val_ppl']:.2f}; model saved to {summary['model']}")

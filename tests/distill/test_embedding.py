@@ -1,0 +1,145 @@
+"""Embedding distillation: sentence data, the relation loss, the loop, exact resume, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import save_tiny_sentence_encoder
+
+from distillery.cli import main
+from distillery.distill.embedding import attention_relation_loss, epoch_batches, validation_mse
+from distillery.distill.sentences import prepare_sentences, read_sentences, split_sentences, strip_gutenberg
+from distillery.models.common import DistilleryError
+from distillery.models.sentence_encoder import load_sentence_encoder
+
+BOOK = """The Project Gutenberg eBook of Something
+*** START OF THE PROJECT GUTENBERG EBOOK SOMETHING ***
+
+It was a bright cold day in April, and the clocks
+were striking thirteen. Mr. Smith went out. "Where?" she asked him quietly.
+
+The hallway smelt of boiled cabbage and old rag mats! At one end of it a coloured
+poster had been tacked to the wall.
+
+*** END OF THE PROJECT GUTENBERG EBOOK SOMETHING ***
+Licence text that must not be read.
+"""
+
+
+def test_split_sentences_joins_wrapped_lines_and_keeps_titles():
+    assert list(split_sentences(strip_gutenberg(BOOK))) == [
+        "It was a bright cold day in April, and the clocks were striking thirteen.",
+        "Mr. Smith went out.", '"Where?" she asked him quietly.',
+        "The hallway smelt of boiled cabbage and old rag mats!",
+        "At one end of it a coloured poster had been tacked to the wall."]
+
+
+def corpus(tmp_path, n=300):
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
+    rng = np.random.default_rng(0)
+    lines = [" ".join(rng.choice(words, size=rng.integers(4, 12))).capitalize() + "." for _ in range(n)]
+    file = tmp_path / "corpus.txt"
+    file.write_text("\n\n".join(lines))
+    return file
+
+
+def test_prepare_sentences_writes_splits_and_refuses_to_overwrite(tmp_path, capsys):
+    source = corpus(tmp_path)
+    assert main(["prepare", str(source), "--sentences", "--val-sentences", "20", "--out", str(tmp_path / "d")]) == 0
+    train, val = read_sentences(tmp_path / "d", "train"), read_sentences(tmp_path / "d", "val")
+    assert len(val) == 20 and len(train) > 100 and not set(train) & set(val)
+    assert main(["prepare", str(source), "--sentences", "--out", str(tmp_path / "d")]) == 2
+    assert "already holds prepared data" in capsys.readouterr().err
+    with pytest.raises(DistilleryError, match="held out for validation"):
+        prepare_sentences([str(source)], tmp_path / "e", val_sentences=10_000)
+
+
+def test_epoch_batches_group_lengths_and_cover_every_sentence():
+    lengths = tuple(np.random.default_rng(0).integers(1, 100, 1000).tolist())
+    batches = epoch_batches(lengths, 8, 0, 0)
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    assert epoch_batches(lengths, 8, 0, 0) == batches and epoch_batches(lengths, 8, 0, 1) != batches
+    spread = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches])
+    assert spread < 20  # random batches of 8 would spread about 75
+
+
+def test_attention_relation_loss_is_zero_for_equal_states_and_ignores_pads():
+    torch.manual_seed(0)
+    states = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    assert float(attention_relation_loss(states, states.clone(), 2, mask)) == pytest.approx(0.0, abs=1e-6)
+    other = torch.randn(2, 5, 12)  # widths may differ: only the T x T relations are compared
+    loss = attention_relation_loss(other, states, 2, mask)
+    assert loss > 0
+    changed = other.clone()
+    changed[1, 3:] = 100.0  # padding positions do not count
+    assert float(attention_relation_loss(changed, states, 2, mask)) == pytest.approx(float(loss), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("embedding")
+    teacher = save_tiny_sentence_encoder(root / "teacher", layers=4)
+    assert main(["student", str(teacher), "--layers", "0,2", "--out", str(root / "student")]) == 0
+    assert main(["prepare", str(corpus(root)), "--sentences", "--val-sentences", "16", "--out",
+                 str(root / "data")]) == 0
+    return root
+
+
+def distill_args(root, out, steps, *extra):
+    return ["distill", "--objective", "embedding", "--teacher", str(root / "teacher"), "--student",
+            str(root / "student"), "--data", str(root / "data"), "--out", str(out), "--max-steps", str(steps),
+            "--batch-size", "8", "--seq-len", "16", "--lr", "1e-3", "--warmup-steps", "0", "--eval-every", "3",
+            "--eval-batches", "2", "--save-every", "2", "--log-every", "1", "--no-plot", *extra]
+
+
+def test_student_keeps_the_teachers_pooling(pair):
+    teacher, student = load_sentence_encoder(pair / "teacher"), load_sentence_encoder(pair / "student")
+    assert student.pooling == teacher.pooling and student.normalize == teacher.normalize
+    assert student.model.config.num_layers == 2 and student.max_seq_length == teacher.max_seq_length
+
+
+def test_distillation_brings_the_student_closer_and_saves_a_sentence_encoder(pair, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(distill_args(pair, out, 6, "--alpha-cos", "0.5", "--alpha-attn", "1", "--relation-heads", "4",
+                             "--json")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"emb", "cos", "attn"} <= set(records[0])
+    assert summary["objective"] == "embedding" and summary["energy"]["kwh"] > 0
+    trained = load_sentence_encoder(out / "model")
+    assert trained.encode(["Alpha beta gamma."]).shape == (1, 32)
+
+    assert main(distill_args(pair, tmp_path / "mse-only", 8, "--alpha-cos", "0", "--lr", "1e-4")) == 0
+    teacher, untrained = load_sentence_encoder(pair / "teacher"), load_sentence_encoder(pair / "student")
+    val = read_sentences(pair / "data", "val")
+    before = validation_mse(teacher, untrained, val, 8)
+    after = validation_mse(teacher, load_sentence_encoder(tmp_path / "mse-only" / "model"), val, 8)
+    assert after < before
+
+
+def test_resume_continues_exactly(pair, tmp_path):
+    assert main(distill_args(pair, tmp_path / "straight", 4)) == 0
+    assert main(distill_args(pair, tmp_path / "halves", 2)) == 0
+    assert main(distill_args(pair, tmp_path / "halves", 4, "--resume")) == 0
+    a = load_sentence_encoder(tmp_path / "straight" / "model").model.state_dict()
+    b = load_sentence_encoder(tmp_path / "halves" / "model").model.state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+
+
+def test_refusals(pair, tmp_path, tiny_gpt2_dir, capsys):
+    args = distill_args(pair, tmp_path / "r", 2)
+    causal = [str(tiny_gpt2_dir) if a == str(pair / "student") else a for a in args]
+    assert main(causal) == 2
+    assert "causal LM" in capsys.readouterr().err
+    swapped = [str(pair / "student") if a == str(pair / "teacher") else str(pair / "teacher")
+               if a == str(pair / "student") else a for a in args]
+    assert main(swapped) == 2
+    assert "smaller than its teacher" in capsys.readouterr().err
+    lm_data = [str(tmp_path) if a == str(pair / "data") else a for a in args]
+    assert main(lm_data) == 2
+    assert "holds no sentence data" in capsys.readouterr().err
