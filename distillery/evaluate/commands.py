@@ -20,8 +20,8 @@ DEFAULT_BIAS_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "b
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="measure a model: perplexity, bias, speed",
-                              description="Measure a model: perplexity, bias probes, speed.")
+    p = subparsers.add_parser("eval", help="measure a model: perplexity, bias, speed, sts",
+                              description="Measure a model: perplexity, bias probes, speed, sentence similarity.")
     evals = p.add_subparsers(dest="eval_command", metavar="WHAT", required=True)
 
     q = add_command(evals, "perplexity", perplexity_command)
@@ -62,9 +62,21 @@ def register(subparsers) -> None:
                    help="timed repeats; the median is reported (default: 3)")
     _add_common(q)
 
+    q = add_command(evals, "sts", sts_command)
+    q.add_argument("model", metavar="MODEL", help="a sentence-transformers folder, or an encoder (mean pooling)")
+    q.add_argument("--data", required=True, metavar="FILE",
+                   help="STS-B scored pairs: GLUE's dev.tsv / train.tsv or an original sts-*.tsv")
+    q.add_argument("--batch-size", type=int, default=32, help="sentences per encoding batch (default: 32)")
+    q.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights (default: float32)")
+    q.add_argument("--teacher", metavar="TEACHER",
+                   help="also score this (bigger) encoder, and time both on the same sentences in this run")
+    q.add_argument("--repeats", type=int, default=3, help="timed rounds per model with --teacher; the median "
+                   "is reported (default: 3)")
+    _add_common(q)
+
     q = add_command(subparsers, "glue", glue_command)
     q.add_argument("task", metavar="TASK", help="cola, sst2, mrpc, stsb, rte, qnli, qqp, mnli or wnli")
-    q.add_argument("model", metavar="MODEL", help="a RoBERTa checkpoint (its head is sized for the task)")
+    q.add_argument("model", metavar="MODEL", help="an encoder checkpoint: RoBERTa, BERT or DistilBERT (its head is sized for the task)")
     q.add_argument("--data", required=True, metavar="DIR", type=cli_types.existing_folder,
                    help="the task's GLUE folder (train.tsv, dev.tsv)")
     _add_finetune_flags(q, epochs=3, batch_size=16, lr=2e-5, warmup_ratio=0.06, weight_decay=0.01)
@@ -78,18 +90,18 @@ def register(subparsers) -> None:
     _add_common(q)
 
     q = add_command(subparsers, "token-classification", token_classification_command)
-    q.add_argument("model", metavar="MODEL", help="a RoBERTa checkpoint (a new tagging head is added)")
+    q.add_argument("model", metavar="MODEL", help="an encoder checkpoint: RoBERTa, BERT or DistilBERT (a new tagging head is added)")
     q.add_argument("--train", required=True, metavar="FILE", type=cli_types.existing_file,
                    help="CoNLL-style training file (word ... tag)")
     q.add_argument("--dev", required=True, metavar="FILE", type=cli_types.existing_file,
                    help="CoNLL-style evaluation file")
     _add_finetune_flags(q, epochs=3, batch_size=16, lr=5e-5, warmup_ratio=0.06, weight_decay=0.01)
     q.add_argument("--max-length", type=cli_types.int_range(3), default=128,
-                   help="tokens per sentence, <s> and </s> included")
+                   help="tokens per sentence, <s> and </s> (or [CLS] and [SEP]) included")
     _add_common(q)
 
     q = add_command(subparsers, "question-answering", question_answering_command)
-    q.add_argument("model", metavar="MODEL", help="a RoBERTa checkpoint (a new span head is added)")
+    q.add_argument("model", metavar="MODEL", help="an encoder checkpoint: RoBERTa, BERT or DistilBERT (a new span head is added)")
     q.add_argument("--train", required=True, metavar="FILE", type=cli_types.existing_file,
                    help="SQuAD-style training JSON")
     q.add_argument("--dev", required=True, metavar="FILE", type=cli_types.existing_file,
@@ -188,6 +200,37 @@ def perplexity_command(args: argparse.Namespace) -> int:
     ])
 
 
+def sts_command(args: argparse.Namespace) -> int:
+    """Semantic textual similarity: Spearman and Pearson (x 100) of embedding cosines against STS-B scores.
+
+    Prints the correlations with a 95 % interval for Spearman, and sentences encoded per second.
+    Example: distillery eval sts sentence-transformers/all-MiniLM-L6-v2 --data STS-B/original/sts-test.tsv
+    """
+    from distillery.evaluate.sts import compare_speed, evaluate_sts, read_sts
+    from distillery.models.sentence_encoder import load_sentence_encoder
+
+    if args.batch_size <= 0:
+        raise DistilleryError(f"--batch-size must be a positive integer, got {args.batch_size}.")
+    if args.repeats <= 0:
+        raise DistilleryError(f"--repeats must be a positive integer, got {args.repeats}.")
+    pairs = read_sts(args.data)
+    encoder = load_sentence_encoder(args.model, device=args.device, dtype=args.dtype)
+    teacher = load_sentence_encoder(args.teacher, device=args.device, dtype=args.dtype) if args.teacher else None
+    result = {"model": args.model, "data": args.data, **evaluate_sts(encoder, pairs, args.batch_size)}
+    lines = [f"STS {Path(args.data).name}: Spearman {result['spearman']:.2f} (95 % CI {result['spearman_ci'][0]:.2f}-"
+             f"{result['spearman_ci'][1]:.2f}), Pearson {result['pearson']:.2f} over {result['pairs']} pairs",
+             f"{result['sentences_per_second']:,.0f} sentences/s (batch {result['batch_size']})"]
+    if teacher is not None:
+        scored = evaluate_sts(teacher, pairs, args.batch_size)
+        speed = compare_speed(encoder, teacher, pairs.first + pairs.second, args.batch_size, args.repeats)
+        result["teacher"] = {"model": args.teacher, **{k: scored[k] for k in ("spearman", "pearson", "spearman_ci")}}
+        result["speed"] = speed
+        lines += [f"teacher {args.teacher}: Spearman {scored['spearman']:.2f}, Pearson {scored['pearson']:.2f}",
+                  f"encoding, same run: {speed['student_sentences_per_second']:,.0f} vs "
+                  f"{speed['teacher_sentences_per_second']:,.0f} sentences/s ({speed['speedup']:.2f}x the teacher)"]
+    return _finish(args, result, lines)
+
+
 def bias_command(args: argparse.Namespace) -> int:
     """Bias probes: the model cards' demonstrations, CrowS-Pairs, StereoSet, HONEST, WinoBias and BOLD per category.
 
@@ -256,7 +299,7 @@ def speed_command(args: argparse.Namespace) -> int:
 
 
 def glue_command(args: argparse.Namespace) -> int:
-    """Fine-tune a RoBERTa model on one GLUE task and score its dev set(s).
+    """Fine-tune an encoder (RoBERTa, BERT, DistilBERT) on one GLUE task and score its dev set(s).
 
     AdamW with linear warm-up and linear decay; prints the task's metrics and the results row
     in the model cards' layout.
@@ -287,7 +330,7 @@ def glue_command(args: argparse.Namespace) -> int:
 
 
 def token_classification_command(args: argparse.Namespace) -> int:
-    """Fine-tune a RoBERTa tagger on a CoNLL-style file and score entity F1 on another."""
+    """Fine-tune an encoder as a tagger on a CoNLL-style file and score entity F1 on another."""
     from distillery.evaluate import tasks
     from distillery.evaluate.glue import FinetuneSettings
     from distillery.tokenizer import load_tokenizer
@@ -305,7 +348,7 @@ def token_classification_command(args: argparse.Namespace) -> int:
 
 
 def question_answering_command(args: argparse.Namespace) -> int:
-    """Fine-tune RoBERTa for extractive question answering (SQuAD-style JSON, windows with a doc stride)."""
+    """Fine-tune an encoder for extractive question answering (SQuAD-style JSON, windows with a doc stride)."""
     from distillery.evaluate import tasks
     from distillery.evaluate.glue import FinetuneSettings
     from distillery.models import load_model

@@ -149,3 +149,20 @@ def evaluate_sts(encoder, pairs: STSPairs, batch_size: int = 32) -> dict[str, An
         "seconds": seconds,
         "batch_size": batch_size,
     }
+
+
+def compare_speed(student, teacher, sentences: list[str], batch_size: int = 32, repeats: int = 3) -> dict[str, Any]:
+    """Sentences per second of two encoders on the same sentences, timed alternately in one process
+    (median of `repeats` rounds each) so that both see the same machine; and the student's speed-up."""
+    times: dict[str, list[float]] = {"student": [], "teacher": []}
+    for encoder in (student, teacher):  # a first, untimed pass: lazy initialisation, caches
+        encoder.encode(sentences[:batch_size], batch_size=batch_size)
+    for _ in range(repeats):
+        for name, encoder in (("student", student), ("teacher", teacher)):
+            started = time.perf_counter()
+            encoder.encode(sentences, batch_size=batch_size)
+            times[name].append(time.perf_counter() - started)
+    rates = {name: len(sentences) / float(np.median(seconds)) for name, seconds in times.items()}
+    return {"sentences": len(sentences), "batch_size": batch_size, "repeats": repeats,
+            "student_sentences_per_second": rates["student"], "teacher_sentences_per_second": rates["teacher"],
+            "speedup": rates["student"] / rates["teacher"]}
