@@ -52,7 +52,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def read_evals(directory: Path | None) -> dict[str, Any]:
     """{"perplexity": [...], "glue": {task: ...}, "bias", "speed", "energy"} from an eval folder."""
-    found: dict[str, Any] = {"perplexity": [], "glue": {}}
+    found: dict[str, Any] = {"perplexity": [], "glue": {}, "sts": {}}
     if directory is None or not directory.is_dir():
         return found
     for path in sorted(directory.glob("perplexity*.json")):
@@ -60,6 +60,10 @@ def read_evals(directory: Path | None) -> dict[str, Any]:
     for path in sorted(directory.glob("glue-*.json")):
         result = _read_json(path)
         found["glue"][result.get("task", path.stem[5:])] = result
+    found["sts"] = {}
+    for path in sorted(directory.glob("sts*.json")):
+        result = _read_json(path)
+        found["sts"][Path(result.get("data", path.stem)).name] = result
     for name in ("bias", "speed", "energy"):
         if (directory / f"{name}.json").is_file():
             found[name] = _read_json(directory / f"{name}.json")
@@ -94,6 +98,9 @@ def read_source(source: str | Path) -> dict[str, Any]:
         if (source / "summary.json").is_file():
             info["summary"] = _read_json(source / "summary.json")
     info["evals"] = read_evals(source / EVAL_DIR)
+    # A sentence encoder's run keeps the untrained student's scores in eval/before/.
+    info["before"] = read_evals(source / EVAL_DIR / "before")
+    info["sentence_encoder"] = (model_dir / "modules.json").is_file()
     energy = info.get("summary", {}).get("energy") or info["evals"].get("energy")
     if energy:
         info["energy"] = energy
@@ -164,12 +171,18 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 
 def _model_facts(cfg: dict[str, Any]) -> dict[str, Any]:
-    if cfg.get("model_type") == "gpt2":
+    """The family's name and sizes, read under the names its config.json uses."""
+    model_type = cfg.get("model_type")
+    if model_type == "gpt2":
         return {"family": "GPT-2", "layers": cfg.get("n_layer"), "hidden": cfg.get("n_embd"),
                 "heads": cfg.get("n_head"), "context": cfg.get("n_positions"), "vocab": cfg.get("vocab_size")}
-    return {"family": "RoBERTa", "layers": cfg.get("num_hidden_layers"), "hidden": cfg.get("hidden_size"),
-            "heads": cfg.get("num_attention_heads"), "context": cfg.get("max_position_embeddings"),
-            "vocab": cfg.get("vocab_size")}
+    if model_type == "distilbert":
+        return {"family": "DistilBERT", "layers": cfg.get("n_layers"), "hidden": cfg.get("dim"),
+                "heads": cfg.get("n_heads"), "context": cfg.get("max_position_embeddings"),
+                "vocab": cfg.get("vocab_size")}
+    return {"family": "BERT" if model_type == "bert" else "RoBERTa", "layers": cfg.get("num_hidden_layers"),
+            "hidden": cfg.get("hidden_size"), "heads": cfg.get("num_attention_heads"),
+            "context": cfg.get("max_position_embeddings"), "vocab": cfg.get("vocab_size")}
 
 
 def section_details(info: dict[str, Any], name: str) -> list[str]:
@@ -193,8 +206,11 @@ def section_details(info: dict[str, Any], name: str) -> list[str]:
                      f"{100 * r['parameters']:.0f}% of the teacher's parameters and encodes "
                      f"{r['encode_speedup']:.2f}x as fast" + (f", decodes {r['decode_speedup']:.2f}x as fast"
                                                              if "decode_speedup" in r else "") + ".")
+    model_type = f"Transformer-based {'causal' if facts['family'] == 'GPT-2' else 'masked'} language model"
+    if info.get("sentence_encoder"):
+        model_type = f"sentence embedding model ({facts['family']} encoder with sentence-transformers pooling)"
     lines += ["",
-              f"- **Model type:** Transformer-based {'causal' if facts['family'] == 'GPT-2' else 'masked'} language model",
+              f"- **Model type:** {model_type}",
               f"- **Architecture:** {cfg.get('architectures', [NOT_MEASURED])[0]}, context {_fmt(facts['context'])} "
               f"positions, vocabulary {_fmt(facts['vocab'])}",
               f"- **Teacher:** {teacher or 'none (not distilled)'}" + (f" ({kind} it)" if teacher and kind else ""),
@@ -204,6 +220,13 @@ def section_details(info: dict[str, Any], name: str) -> list[str]:
 
 
 def section_uses(info: dict[str, Any]) -> list[str]:
+    if info.get("sentence_encoder"):
+        return ["## Uses", "", "### Direct use and downstream use", "",
+                "The model maps a sentence or short paragraph to a vector: semantic search, clustering, and "
+                "scoring how similar two texts are (cosine of their embeddings). Text longer than its maximum "
+                "sequence length is cut.", "", "### Out-of-scope uses", "",
+                "Similarity is not truth or entailment; the embeddings carry the biases of the teacher and of the "
+                "distillation text, and were measured here only on English.", ""]
     causal = info["model_config"].get("model_type") == "gpt2"
     use = ("text generation and as a base for fine-tuning on text of a particular kind (prose, code)"
            if causal else
@@ -279,7 +302,10 @@ def bold_lines(bold: dict[str, Any] | None) -> list[str]:
 
 HYPERPARAMETERS = ["kind", "teacher", "student", "model", "data", "max_steps", "batch_size", "grad_accum", "seq_len",
                    "lr", "warmup_steps", "schedule", "min_lr_ratio", "weight_decay", "grad_clip", "precision",
-                   "temperature", "alpha_ce", "alpha_lm", "alpha_cos", "alpha_mse", "kd_loss", "mlm_prob", "seed"]
+                   "temperature", "alpha_ce", "alpha_lm", "alpha_cos", "alpha_mse", "kd_loss", "mlm_prob", "seed",
+                   "objective", "alpha_emb", "alpha_attn"]
+EMBEDDING_ONLY = {"objective", "alpha_emb", "alpha_attn"}
+LM_ONLY = {"temperature", "alpha_ce", "alpha_lm", "alpha_mse", "kd_loss", "mlm_prob"}
 
 
 def section_training(info: dict[str, Any], plots: dict[str, str]) -> list[str]:
@@ -289,9 +315,19 @@ def section_training(info: dict[str, Any], plots: dict[str, str]) -> list[str]:
         return lines + [f"Training data and procedure: {NOT_MEASURED} (a model folder, not a run folder).", ""]
     lines += [f"Data prepared by `distillery prepare`: `{cfg.get('data', NOT_MEASURED)}`.", "",
               "### Training procedure", "", "| setting | value |", "|---|---|"]
-    lines += [f"| {k} | {cfg[k]} |" for k in HYPERPARAMETERS if k in cfg and cfg[k] not in (None, "")]
+    skip = LM_ONLY if cfg.get("objective") == "embedding" else EMBEDDING_ONLY
+    lines += [f"| {k} | {cfg[k]} |" for k in HYPERPARAMETERS if k in cfg and cfg[k] not in (None, "") and k not in skip]
     summary = info.get("summary", {})
     last = [r for r in info["metrics"] if "loss" in r]
+    if cfg.get("objective") == "embedding":
+        lines += ["", f"- **Steps:** {_fmt(summary.get('steps'))}",
+                  f"- **Sentences seen:** {_fmt(summary.get('sentences'))}",
+                  f"- **Final training loss:** {_fmt(summary.get('train_loss'), 6)}",
+                  f"- **Final validation embedding MSE:** {_fmt(summary.get('val_loss'), 6)}", ""]
+        if "loss" in plots:
+            lines += [f"![training and validation loss]({plots['loss']})", ""]
+        return lines + ["The full recipe is the run's `config.yaml`; `distillery distill --config config.yaml` "
+                        "reproduces it.", ""]
     lines += ["", f"- **Steps:** {_fmt(summary.get('steps', last[-1]['step'] if last else None))}",
               f"- **Tokens seen:** {_fmt(summary.get('tokens'))}",
               f"- **Final training loss:** {_fmt(summary.get('train_loss', last[-1]['loss'] if last else None), 4)}",
@@ -306,7 +342,10 @@ def section_training(info: dict[str, Any], plots: dict[str, str]) -> list[str]:
 def section_evaluation(info: dict[str, Any], teacher: dict[str, Any], plots: dict[str, str]) -> list[str]:
     from distillery.evaluate.glue import card_row
 
-    lines = ["## Evaluation", "", "### Perplexity", ""]
+    lines = ["## Evaluation", ""]
+    if info.get("sentence_encoder"):
+        return lines + section_sts(info, teacher)
+    lines += ["### Perplexity", ""]
     ppl = info["evals"]["perplexity"]
     if not ppl:
         lines += [f"Perplexity: {NOT_MEASURED} (run `distillery eval perplexity MODEL --data FILE --save "
@@ -352,6 +391,40 @@ def section_evaluation(info: dict[str, Any], teacher: dict[str, Any], plots: dic
     return lines
 
 
+def section_sts(info: dict[str, Any], teacher: dict[str, Any]) -> list[str]:
+    """STS benchmark table (teacher, student before distillation, distilled student) and encoding speed."""
+    lines = ["### Semantic textual similarity (STS benchmark)", ""]
+    sts = info["evals"].get("sts", {})
+    if not sts:
+        return lines + [f"STS: {NOT_MEASURED} (run `distillery eval sts MODEL --data sts-test.tsv --save "
+                        f"{EVAL_DIR}/sts-test.json`).", ""]
+    before = info.get("before", {}).get("sts", {})
+    lines += ["Spearman correlation x 100 between the cosine of the two sentences' embeddings and the gold "
+              "similarity; the student's 95 % interval beside it.", "",
+              "| data | teacher | student before distillation | distilled student | student 95% CI |",
+              "|---|---|---|---|---|"]
+    for name, r in sts.items():
+        t = teacher.get("sts", {}).get(name, {}).get("spearman") or r.get("teacher", {}).get("spearman")
+        b = before.get(name, {}).get("spearman")
+        low, high = r["spearman_ci"]
+        lines.append(f"| {name} ({r['pairs']} pairs) | {_fmt(t)} | {_fmt(b)} | {_fmt(r['spearman'])} | "
+                     f"{low:.2f}–{high:.2f} |")
+    lines.append("")
+    speeds = [r["speed"] for r in sts.values() if "speed" in r]
+    lines += ["### Speed", ""]
+    if not speeds:
+        return lines + [f"Encoding speed against the teacher: {NOT_MEASURED} (`distillery eval sts MODEL --teacher "
+                        "TEACHER --data FILE --save ...`).", ""]
+    speed = speeds[0]
+    lines += ["| model | sentences/s |", "|---|---|",
+              f"| distilled student | {speed['student_sentences_per_second']:,.0f} |",
+              f"| teacher | {speed['teacher_sentences_per_second']:,.0f} |", "",
+              f"The student encodes {speed['speedup']:.2f}x as many sentences per second as its teacher: both timed "
+              f"in one run on the same {speed['sentences']:,} STS sentences, batches of {speed['batch_size']}, "
+              f"median of {speed['repeats']} rounds.", ""]
+    return lines
+
+
 def section_environment(info: dict[str, Any]) -> list[str]:
     e = info.get("energy")
     lines = ["## Environmental Impact", ""]
@@ -369,6 +442,16 @@ def section_environment(info: dict[str, Any]) -> list[str]:
 
 def section_get_started(info: dict[str, Any], model_ref: str) -> list[str]:
     causal = info["model_config"].get("model_type") == "gpt2"
+    if info.get("sentence_encoder"):
+        ours = [">>> import distillery", f">>> encoder = distillery.load_sentence_encoder({model_ref!r})",
+                ">>> embeddings = encoder.encode(['A man is eating food.', 'A man is eating pasta.'])",
+                ">>> float(embeddings[0] @ embeddings[1])  # cosine: the embeddings are normalised"]
+        theirs = ["from sentence_transformers import SentenceTransformer",
+                  f"model = SentenceTransformer({model_ref!r})",
+                  "embeddings = model.encode(['A man is eating food.', 'A man is eating pasta.'])"]
+        return ["## How to Get Started With the Model", "", "With distillery:", "", "```python", *ours, "```", "",
+                f"From the command line: `distillery embed {model_ref} \"A man is eating food.\" --json`.", "",
+                "With sentence-transformers (the folder is in its format):", "", "```python", *theirs, "```", ""]
     if causal:
         ours = [">>> from distillery.pipelines import pipeline, set_seed",
                 f">>> generator = pipeline('text-generation', model={model_ref!r})", ">>> set_seed(42)",
@@ -378,11 +461,12 @@ def section_get_started(info: dict[str, Any], model_ref: str) -> list[str]:
                   f"model = GPT2LMHeadModel.from_pretrained({model_ref!r})",
                   "output = model(**tokenizer(\"Replace me by any text you'd like.\", return_tensors='pt'))"]
     else:
+        mask = "[MASK]" if info["model_config"].get("model_type") in ("bert", "distilbert") else "<mask>"
         ours = [">>> from distillery.pipelines import pipeline",
                 f">>> unmasker = pipeline('fill-mask', model={model_ref!r})",
-                ">>> unmasker(\"Hello I'm a <mask> model.\")"]
+                f">>> unmasker(\"Hello I'm a {mask} model.\")"]
         theirs = ["from transformers import pipeline", f"unmasker = pipeline('fill-mask', model={model_ref!r})",
-                  "unmasker(\"Hello I'm a <mask> model.\")"]
+                  f"unmasker(\"Hello I'm a {mask} model.\")"]
     return ["## How to Get Started With the Model", "", "With distillery:", "", "```python", *ours, "```", "",
             "With transformers (the checkpoint is in its format):", "", "```python", *theirs, "```", ""]
 

@@ -143,3 +143,21 @@ def test_refusals(pair, tmp_path, tiny_gpt2_dir, capsys):
     lm_data = [str(tmp_path) if a == str(pair / "data") else a for a in args]
     assert main(lm_data) == 2
     assert "holds no sentence data" in capsys.readouterr().err
+
+
+def test_card_of_an_embedding_student(pair, tmp_path, capsys):
+    from sts_files import write_glue_sts
+
+    run = tmp_path / "run"
+    assert main(distill_args(pair, run, 2)) == 0
+    data = write_glue_sts(tmp_path / "dev.tsv")
+    assert main(["eval", "sts", str(run / "model"), "--teacher", str(pair / "teacher"), "--data", str(data),
+                 "--repeats", "1", "--save", str(run / "eval" / "sts-dev.json")]) == 0
+    assert main(["eval", "sts", str(pair / "student"), "--data", str(data), "--save",
+                 str(run / "eval" / "before" / "sts-dev.json")]) == 0
+    assert main(["card", str(run), "--out", str(run / "README.md")]) == 0
+    card = (run / "README.md").read_text()
+    assert "sentence embedding model" in card and "STS benchmark" in card
+    assert "| dev.tsv (5 pairs) |" in card and "not measured" not in card.split("### Semantic")[1].split("##")[0]
+    assert "x as many sentences per second as its teacher" in card
+    assert "SentenceTransformer(" in card and "Sentences seen" in card
