@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distillery.distill.chunked_losses import DEFAULT_CHUNK_SIZE
 from distillery.models.common import DistilleryError
 
 KINDS = ("train", "distill")
@@ -21,11 +22,14 @@ KD_LOSSES = ("forward_kl", "reverse_kl", "gjsd")
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COS_LAYERS = ("last", "mapped")
+TEACHER_DTYPES = ("fp32", "int8", "bf16")
 OBJECTIVES = ("lm", "embedding")
 
 # Settings that may differ between a run and its resumption without changing what is trained.
+# How the losses are computed (chunked, compiled) changes float rounding, not what is trained.
 RESUMABLE_CHANGES = frozenset({"max_steps", "eval_every", "save_every", "log_every", "eval_batches",
-                               "out", "device", "plot", "carbon_region"})
+                               "out", "device", "plot", "carbon_region", "chunked_loss", "loss_chunk_size",
+                               "compile"})
 
 
 @dataclass
@@ -59,6 +63,11 @@ class RunConfig:
     grad_clip: float = 1.0  # 0 turns clipping off
     precision: str = "auto"  # auto: bf16 (fp16 where bf16 is missing) on GPU, fp32 on CPU
     device: str = "auto"
+    # The vocabulary head and losses over chunks of loss_chunk_size positions (chunked_losses.py):
+    # the same numbers as the plain path without ever holding (positions x vocabulary) logits.
+    chunked_loss: bool = True
+    loss_chunk_size: int = DEFAULT_CHUNK_SIZE
+    compile: bool = False  # torch.compile the student's forward (and so its backward)
 
     # Distillation losses.
     temperature: float = 2.0
@@ -71,6 +80,7 @@ class RunConfig:
     cos_layers: str = "last"  # "mapped": every student layer against its teacher layer
     layer_map: list[int] | None = None  # teacher layer of each student layer; default: the student recipe's
     kd_masked_only: bool = False  # masked LM: soft targets only at masked positions
+    teacher_dtype: str = "fp32"  # the frozen teacher's forward: fp32, int8 (CPU) or bf16
     # "embedding": sentence encoders, pooled embeddings matched by MSE (distill/embedding.py); the
     # data is a folder of sentences (`prepare --sentences`), alpha_cos weighs the last hidden states.
     objective: str = "lm"
@@ -100,8 +110,9 @@ class RunConfig:
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("cos_layers", self.cos_layers, COS_LAYERS)
         _check_choice("objective", self.objective, OBJECTIVES)
+        _check_choice("teacher_dtype", self.teacher_dtype, TEACHER_DTYPES)
         for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
-                     "save_every", "log_every"):
+                     "save_every", "log_every", "loss_chunk_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise DistilleryError(f"Setting {name} must be a positive integer, got {value!r}.")
@@ -194,8 +205,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def config_differences(saved: dict[str, Any], current: RunConfig) -> list[str]:
-    """`name: saved -> current` for every identity setting that differs."""
+    """`name: saved -> current` for every identity setting that differs.
+
+    A setting the checkpoint does not name (it predates the setting) counts as its default.
+    """
     now = current.identity()
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
+    saved = {**{k: v for k, v in defaults.items() if k in now}, **saved}
     keys = sorted(set(now) | {k for k in saved if k not in RESUMABLE_CHANGES})
     return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
 

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from distillery.distill import losses
+from distillery.distill.chunked_losses import VocabLosses, fused_vocab_losses
 from distillery.distill.run_config import RunConfig, config_differences
 from distillery.models.checkpoint import atomic_write, build_model, load_model, write_json
 from distillery.models.common import DistilleryError, Pretrained
@@ -191,6 +192,37 @@ def resolve_layer_map(config: RunConfig, teacher: Pretrained, student: Pretraine
     return layers
 
 
+def prepare_teacher(teacher: Pretrained, dtype: str, device: torch.device) -> Pretrained:
+    """The frozen teacher on `device`, its forward in `dtype`: fp32; int8 (CPU: FBGEMM's int8 linear
+    layers, see generation/quantize.py); or bf16 (fast on GPUs, emulated and slow on most CPUs)."""
+    teacher.to(device).eval().requires_grad_(False)
+    if dtype == "int8":
+        if device.type != "cpu":
+            raise DistilleryError(f"--teacher-dtype int8 runs on the CPU only, but the run is on {device}; "
+                                  "use --teacher-dtype bf16 on a GPU.")
+        from distillery.generation.quantize import quantize_model
+
+        quantize_model(teacher, "int8")
+    elif dtype == "bf16":
+        teacher.to(torch.bfloat16)
+    return teacher
+
+
+def compile_student(student: nn.Module, device: torch.device) -> nn.Module:
+    """The student through torch.compile, for the training steps (its backward is compiled with its
+    forward); the first step compiles. On a CPU, inductor builds C++ kernels: it needs a C++ compiler."""
+    if device.type == "cpu":
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        from torch._inductor.exc import InvalidCxxCompiler
+
+        try:
+            get_cpp_compiler()
+        except (InvalidCxxCompiler, OSError) as e:
+            raise DistilleryError(f"--compile needs a working C++ compiler on a CPU ({e}); install g++ or "
+                                  "leave --compile off.") from e
+    return torch.compile(student)
+
+
 def open_data(config: RunConfig, tokenizer):
     """(train, validation) TokenDatasets, refusing data prepared with another tokenizer."""
     from distillery.distill.data import TokenDataset, check_tokenizer
@@ -251,21 +283,32 @@ def make_batch(windows: torch.Tensor, causal: bool, config: RunConfig, tokenizer
     return Batch(inputs, labels, kd_mask)
 
 
-def forward_lm(model: nn.Module, batch: Batch, causal: bool, hidden: bool, positions: torch.Tensor | None):
+def forward_lm(model: nn.Module, batch: Batch, causal: bool, hidden: bool, positions: torch.Tensor | None,
+               logits: bool = True):
+    """The model's output; with `logits` False, no logits but the vocabulary head's input (`head_input`)."""
+    options = {} if logits else {"return_logits": False}
     if causal:
-        return model(batch.inputs, output_hidden_states=hidden)
-    return model(batch.inputs, output_hidden_states=hidden, logits_positions=positions)
+        return model(batch.inputs, output_hidden_states=hidden, **options)
+    return model(batch.inputs, output_hidden_states=hidden, logits_positions=positions, **options)
+
+
+def head_positions(batch: Batch, causal: bool, config: RunConfig, distilling: bool) -> torch.Tensor | None:
+    """Where a masked LM needs its head: the masked positions, unless the soft targets cover every
+    position (None: everywhere, as for a causal LM)."""
+    if causal or (distilling and batch.kd_mask is None and config.alpha_ce + config.alpha_mse > 0):
+        return None
+    return batch.targets.ne(IGNORE_INDEX)
 
 
 def loss_terms(student: nn.Module, teacher: nn.Module | None, batch: Batch, causal: bool,
                config: RunConfig, layers: list[int] | None) -> dict[str, torch.Tensor]:
-    """The mean of each loss term over its positions in this batch: {"lm": ..., "kd": ..., ...}."""
+    """The mean of each loss term over its positions in this batch: {"lm": ..., "kd": ..., ...}.
+
+    The plain path, on full logits; `batch_loss` computes the same terms chunk by chunk.
+    """
     distilling = teacher is not None
     want_hidden = distilling and config.alpha_cos > 0
-    # A masked LM needs logits only where a loss looks: the masked positions, unless the soft
-    # targets cover every position.
-    positions = None if causal or (distilling and batch.kd_mask is None and config.alpha_ce + config.alpha_mse > 0) \
-        else batch.targets.ne(IGNORE_INDEX)
+    positions = head_positions(batch, causal, config, distilling)
     s = forward_lm(student, batch, causal, want_hidden, positions)
     lm_targets = batch.targets if positions is None else batch.targets[positions]
     terms = {"lm": losses.causal_lm_loss(s.logits, lm_targets) if causal
@@ -286,11 +329,64 @@ def loss_terms(student: nn.Module, teacher: nn.Module | None, batch: Batch, caus
     if config.alpha_mse > 0:
         terms["mse"] = losses.logits_mse(s.logits, t_logits, kd_mask)
     if want_hidden:
-        pairs = [(len(s.hidden_states) - 1, len(t_hidden) - 1)] if layers is None else \
-            [(i + 1, j + 1) for i, j in enumerate(layers)]  # hidden_states[0] is the embedding output
-        terms["cos"] = sum(losses.hidden_cosine_loss(s.hidden_states[i], t_hidden[j].clone())
-                           for i, j in pairs) / len(pairs)
+        terms["cos"] = cosine_term(s.hidden_states, t_hidden, layers)
     return terms
+
+
+def cosine_term(student_hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[torch.Tensor, ...],
+                layers: list[int] | None) -> torch.Tensor:
+    """The hidden-state cosine loss: the last layers, or each student layer against its teacher layer."""
+    pairs = [(len(student_hidden) - 1, len(teacher_hidden) - 1)] if layers is None else \
+        [(i + 1, j + 1) for i, j in enumerate(layers)]  # hidden_states[0] is the embedding output
+    # The teacher's states are cloned out of inference mode: autograd saves them for the backward.
+    return sum(losses.hidden_cosine_loss(student_hidden[i], teacher_hidden[j].clone())
+               for i, j in pairs) / len(pairs)
+
+
+def batch_loss(model: nn.Module, teacher: nn.Module | None, batch: Batch, causal: bool, config: RunConfig,
+               layers: list[int] | None, scales: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """This micro-batch's part of the step's loss, sum_k scales[k] * term_k, and the terms (detached).
+
+    With `config.chunked_loss`, the vocabulary terms (lm, kd, mse) come from the student's head
+    and the losses computed together over chunks of positions (`chunked_losses.py`), the teacher's
+    head made per chunk too; otherwise from `loss_terms` on full logits. The same numbers either way.
+    """
+    if not config.chunked_loss:
+        terms = loss_terms(model, teacher, batch, causal, config, layers)
+        return sum(scales[k] * v for k, v in terms.items()), {k: v.detach() for k, v in terms.items()}
+    distilling = teacher is not None
+    want_hidden = distilling and config.alpha_cos > 0
+    positions = head_positions(batch, causal, config, distilling)
+    s = forward_lm(model, batch, causal, want_hidden, positions, logits=False)
+    t = None
+    if distilling:
+        with torch.inference_mode():
+            t = forward_lm(teacher, batch, causal, want_hidden, positions, logits=False)
+    names = ["lm"] + [name for name, alpha in (("kd", config.alpha_ce), ("mse", config.alpha_mse))
+                      if distilling and alpha > 0]
+    spec = VocabLosses({k: scales[k] for k in names}, config.kd_loss, config.temperature, config.beta,
+                       config.loss_chunk_size)
+    kd_rows = batch.kd_mask if positions is None else None  # the head ran at `positions` only
+    targets = batch.targets if positions is None else batch.targets[positions]
+    loss, terms = vocab_losses(model, s.head_input, targets, spec, teacher, t.head_input if t else None, kd_rows)
+    if want_hidden:
+        cos = cosine_term(s.hidden_states, t.hidden_states, layers)
+        loss = loss + scales["cos"] * cos
+        terms["cos"] = cos.detach()
+    return loss, terms
+
+
+def vocab_losses(model: nn.Module, head_input: torch.Tensor, targets: torch.Tensor, spec: VocabLosses,
+                 teacher: nn.Module | None = None, teacher_head_input: torch.Tensor | None = None,
+                 kd_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`fused_vocab_losses` on the models' vocabulary heads, positions flattened."""
+    student = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    student = getattr(student, "_orig_mod", student)  # under torch.compile
+    head = student.get_submodule(student.vocabulary_head)
+    teacher_head = teacher.get_submodule(teacher.vocabulary_head) if teacher is not None else None
+    flat = teacher_head_input.flatten(0, -2) if teacher_head_input is not None else None
+    return fused_vocab_losses(head_input.flatten(0, -2), head.weight, head.bias, targets.flatten(), spec, flat,
+                              teacher_head, kd_rows.flatten() if kd_rows is not None else None)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None,
@@ -362,9 +458,14 @@ def evaluate_loss(model: nn.Module, dataset, config: RunConfig, causal: bool, to
         positions = None if causal else batch.targets.ne(IGNORE_INDEX)
         with torch.autocast(device.type, dtype=autocast_dtype(config.precision, device) or torch.float32,
                             enabled=autocast_dtype(config.precision, device) is not None):
-            out = forward_lm(model, batch, causal, False, positions)
-        lm = losses.causal_lm_loss(out.logits, batch.targets) if causal \
-            else losses.masked_lm_loss(out.logits, batch.targets)
+            out = forward_lm(model, batch, causal, False, positions, logits=not config.chunked_loss)
+            if config.chunked_loss:  # the head chunk by chunk, as in training: no full logits
+                targets = batch.targets if positions is None else batch.targets[positions]
+                lm, _ = vocab_losses(model, out.head_input, targets,
+                                     VocabLosses({"lm": 1.0}, chunk_size=config.loss_chunk_size))
+        if not config.chunked_loss:
+            lm = losses.causal_lm_loss(out.logits, batch.targets) if causal \
+                else losses.masked_lm_loss(out.logits, batch.targets)
         total += float(lm) * n
         count += n
     model.train(was_training)
@@ -572,7 +673,7 @@ def _run(config: RunConfig, procs: Processes, out: Path, resume: bool, progress:
             raise DistilleryError("Distillation needs both --teacher and --student (model folders).")
         teacher, student = load_lm(config.teacher), load_lm(config.student)
         check_vocabularies(teacher, student, tokenizer)
-        teacher.to(procs.device).eval().requires_grad_(False)
+        teacher = prepare_teacher(teacher, config.teacher_dtype, procs.device)
     else:
         if not config.model:
             raise DistilleryError("Training needs --model: a checkpoint folder or a preset such as gpt2.")
@@ -593,7 +694,9 @@ def _run(config: RunConfig, procs: Processes, out: Path, resume: bool, progress:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     amp_dtype = autocast_dtype(config.precision, procs.device)
     scaler = torch.amp.GradScaler(procs.device.type, enabled=amp_dtype == torch.float16)
-    model: nn.Module = student
+    # The model the steps run: the student, compiled and/or wrapped for DDP; evaluation and
+    # checkpoints use the student itself.
+    model: nn.Module = compile_student(student, procs.device) if config.compile else student
     if procs.world_size > 1:
         model = nn.parallel.DistributedDataParallel(
             student, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
@@ -651,15 +754,15 @@ def _run(config: RunConfig, procs: Processes, out: Path, resume: bool, progress:
             sync = k == config.grad_accum - 1 or procs.world_size == 1
             with (nullcontext() if sync else model.no_sync()), \
                  torch.autocast(procs.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                terms = loss_terms(model, teacher, batch, causal, config, layers)
                 # Each term's share of the global mean: its positions here over all its positions.
                 shares = {name: counts[TERM_POSITIONS[name]] / max(1, global_counts[TERM_POSITIONS[name]])
-                          for name in terms}
-                loss = sum(weights[name] * shares[name] * value for name, value in terms.items())
+                          for name in weights}
+                loss, terms = batch_loss(model, teacher, batch, causal, config, layers,
+                                         {name: weights[name] * shares[name] for name in weights})
             # DDP averages gradients over processes; the global loss is their sum.
             scaler.scale(loss * procs.world_size).backward()
             for name, value in terms.items():
-                step_terms[name] = step_terms.get(name, 0.0) + shares[name] * float(value.detach())
+                step_terms[name] = step_terms.get(name, 0.0) + shares[name] * float(value)
             step_terms["loss"] = step_terms.get("loss", 0.0) + float(loss.detach())
 
         if config.grad_clip > 0:
@@ -672,6 +775,12 @@ def _run(config: RunConfig, procs: Processes, out: Path, resume: bool, progress:
         step += 1
         tokens_seen += tokens_per_step
         step_terms = _sum_over_processes(step_terms, procs)
+        if not math.isfinite(step_terms["loss"]):
+            # Stop before a checkpoint of broken weights replaces the last good one.
+            kept = f"{checkpoint_path} keeps the last good step" if checkpoint_path.exists() else \
+                "nothing was saved yet"
+            raise DistilleryError(f"The training loss became {step_terms['loss']} at step {step} ({kept}); lower "
+                                  f"--lr (now {config.lr:g}) or check the data, and --resume or start again.")
 
         for name, value in step_terms.items():
             running[name] = running.get(name, 0.0) + value

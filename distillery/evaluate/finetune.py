@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from distillery.evaluate.glue import warmup_linear_decay
+from distillery.evaluate.glue import finite_loss, warmup_linear_decay
 from distillery.models.common import DistilleryError
 
 
@@ -79,6 +79,7 @@ def finetune_causal_lm(model, tokenizer, train_text: str, settings: CausalFinetu
                 x = blocks[order[start:start + settings.batch_size]].to(model.device)
                 logits = model(x).logits[:, :-1].float()
                 loss = F.cross_entropy(logits.transpose(1, 2), x[:, 1:])
+                finite_loss(loss, step + 1, settings.learning_rate)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
                 optimizer.step()

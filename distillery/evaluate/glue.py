@@ -330,6 +330,16 @@ class FinetuneSettings:
     max_grad_norm: float = 1.0
 
 
+def finite_loss(loss: torch.Tensor, step: int, learning_rate: float) -> float:
+    """The loss as a float, or a sentence when it is NaN or infinite: from there on the weights are
+    broken and every later number would be NaN, so fine-tuning stops instead of reporting them."""
+    value = loss.item()
+    if not math.isfinite(value):
+        raise DistilleryError(f"The training loss became {value} at step {step}; lower --lr (now {learning_rate:g}) "
+                              "or check the data.")
+    return value
+
+
 def warmup_linear_decay(step: int, warmup_steps: int, total_steps: int) -> float:
     """The learning-rate factor: step/warmup rising to 1, then falling linearly to 0 at total_steps."""
     if step < warmup_steps:
@@ -368,6 +378,7 @@ def finetune_glue(model, tokenizer, task: GlueTask, splits: dict[str, list[Examp
             labels = torch.tensor([train[i].label for i in batch])
             logits = forward_padded(model, tokenizer, [encoded[i] for i in batch], pad_id).logits
             loss = loss_fn(task, logits, labels.to(model.device))
+            finite_loss(loss, len(losses) + 1, settings.learning_rate)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
             optimizer.step()

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from distillery.evaluate.glue import (
     FinetuneSettings,
     collate,
+    finite_loss,
     forward_padded,
     frame,
     load_with_new_head,
@@ -166,6 +167,7 @@ def train_on_batches(model, items: list[Any], batch_loss: Callable[[list[Any]], 
         rng.shuffle(order)
         for start in range(0, len(order), settings.batch_size):
             loss = batch_loss([items[i] for i in order[start:start + settings.batch_size]])
+            finite_loss(loss, bar.n + 1, settings.learning_rate)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
             optimizer.step()

@@ -23,11 +23,14 @@ class ModelOutput:
     logits: (B, T, V) for language models, (B, num_labels) for sequence classification,
     (B, T, num_labels) for token classification, (B, T, 2) for question answering.
     hidden_states: embedding output first, then one entry per layer (as transformers).
+    head_input: with `return_logits=False` (language models), what the vocabulary head would
+    multiply, and logits is None: a trainer computes head and loss together, chunk by chunk.
     """
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     last_hidden_state: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    head_input: torch.Tensor | None = None
 
     @property
     def start_logits(self) -> torch.Tensor:

@@ -232,6 +232,7 @@ class GPT2(Pretrained):
         cache: KVCache | None = None,
         output_hidden_states: bool = False,
         logits_to_keep: int = 0,  # 0: logits at every position; n: only the last n (decoding)
+        return_logits: bool = True,  # False: no logits, the head's input as `head_input` instead
     ) -> ModelOutput:
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -260,11 +261,11 @@ class GPT2(Pretrained):
         if hidden_states is not None:
             hidden_states.append(x)  # transformers' last hidden state is after ln_f
         head_in = x[:, -logits_to_keep:] if logits_to_keep else x
-        logits = self.lm_head(head_in)
         return ModelOutput(
-            logits=logits,
+            logits=self.lm_head(head_in) if return_logits else None,
             last_hidden_state=x,
             hidden_states=tuple(hidden_states) if hidden_states is not None else None,
+            head_input=None if return_logits else head_in,
         )
 
 
