@@ -85,6 +85,12 @@ def serve_command(args: argparse.Namespace) -> int:
     Then:    curl localhost:8000/generate -d '{"inputs": "Hello", "parameters": {"max_new_tokens": 20}}' \\
                   -H 'Content-Type: application/json'
     """
+    try:
+        import fastapi  # noqa: F401 - only checking that it is there
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise DistilleryError(f"distillery serve needs FastAPI and uvicorn ({e.name} is missing); install them "
+                              "with: pip install 'distillery[serve]'.") from None
     from distillery.serve.app import create_app
     from distillery.serve.served_models import (
         ModelRegistry,

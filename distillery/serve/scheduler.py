@@ -364,10 +364,14 @@ class Scheduler:
                         future.set_result(job())
                     except Exception as e:  # noqa: BLE001 - handed to the waiting request
                         future.set_exception(e)
-            with torch.inference_mode():
-                self._admit()
-                for name in list(self._batches):
-                    self._step(name)
+            try:
+                with torch.inference_mode():
+                    self._admit()
+                    for name in list(self._batches):
+                        self._step(name)
+            except Exception as e:  # noqa: BLE001 - a bug here must not leave requests waiting forever
+                logger.exception("the scheduler failed; failing the requests in flight")
+                self._fail_all(_generation_error(e))
         self._fail_all(ServeError("overloaded", "The server shut down before this request finished."))
 
     def _admit(self) -> None:
@@ -479,7 +483,12 @@ class Scheduler:
         finished = []
         for i, row in enumerate(rows):
             row.length += 1
-            if self._choose_and_emit(row, logits[i : i + 1]):
+            try:
+                done = self._choose_and_emit(row, logits[i : i + 1])
+            except Exception as e:  # noqa: BLE001 - this row failed; the others go on
+                self._fail(row, _generation_error(e))
+                done = True
+            if done:
                 finished.append(i)
         for i in reversed(finished):
             self._remove(batch, i)
@@ -588,12 +597,15 @@ class Scheduler:
             for row in batch.rows:
                 self._fail(row, error)
         self._batches.clear()
-        for row in self._waiting:
+        with self._wake:
+            waiting, jobs = list(self._waiting), list(self._jobs)
+            self._waiting.clear()
+            self._jobs.clear()
+        for row in waiting:
             self._fail(row, error)
-        self._waiting.clear()
-        for _, future in self._jobs:
-            future.set_exception(error)
-        self._jobs.clear()
+        for _, future in jobs:
+            if not future.done():
+                future.set_exception(error)
 
 
 def prompt_logprobs(model: torch.nn.Module, ids: torch.Tensor) -> list[tuple[int, float | None]]:

@@ -195,3 +195,19 @@ def test_time_limit_is_a_424_generation_error(make_client, served):
     finally:
         undo()
     assert answer["error_type"] == "generation" and "time limit" in answer["error"]
+
+
+def test_a_model_failure_is_a_424_and_the_server_goes_on(make_client, served):
+    client = make_client()
+    model = served["tiny"].model
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory, say")
+
+    model.forward = broken
+    try:
+        answer = generate(client, 424, inputs=PROMPT, parameters={"max_new_tokens": 3})
+    finally:
+        del model.forward
+    assert answer == {"error": "Generation failed (RuntimeError: out of memory, say).", "error_type": "generation"}
+    assert generate(client, inputs=PROMPT, parameters={"max_new_tokens": 3})["generated_text"]
