@@ -38,6 +38,8 @@ def register(subparsers) -> None:
     sentences.add_argument("--val-sentences", type=cli_types.positive_int, default=1000,
                            help="sentences held out for validation (default: 1000)")
     sentences.add_argument("--min-words", type=cli_types.positive_int, default=4, help="shortest sentence kept, in words (default: 4)")
+    sentences.add_argument("--max-chars", type=cli_types.positive_int, default=400,
+                           help="longest sentence kept, in characters (default: 400)")
     sentences.add_argument("--max-sentences", type=cli_types.positive_int,
                            help="keep at most this many training sentences (default: all)")
     p.add_argument("--json", action="store_true", help="print the metadata as JSON")
@@ -148,7 +150,8 @@ def student_command(args: argparse.Namespace) -> int:
 
 
 def _copy_tokenizer(teacher_dir: Path, out: Path) -> bool:
-    if not any((teacher_dir / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+    # tokenizer.json, or what rebuilds one: vocab.json + merges.txt (BPE), vocab.txt (WordPiece).
+    if not any((teacher_dir / name).is_file() for name in ("tokenizer.json", "vocab.json", "vocab.txt")):
         return False
     from distillery.tokenizer import load_tokenizer
 
@@ -162,7 +165,7 @@ def _prepare_sentences(args: argparse.Namespace) -> int:
     if args.max_sentences is not None and args.max_sentences <= 0:
         raise DistilleryError(f"--max-sentences must be a positive integer, got {args.max_sentences}.")
     meta = prepare_sentences(args.inputs, args.out, split=args.split, include=args.include, text_field=args.text_field,
-                             val_sentences=args.val_sentences, min_words=args.min_words,
+                             val_sentences=args.val_sentences, min_words=args.min_words, max_chars=args.max_chars,
                              max_sentences=args.max_sentences, seed=args.seed, overwrite=args.overwrite)
     if args.json:
         print_json(meta)

@@ -146,3 +146,20 @@ def test_causal_lm_is_not_a_sentence_encoder(tiny_gpt2_dir):
 
     with pytest.raises(DistilleryError):
         load_sentence_encoder(tiny_gpt2_dir)
+
+
+def test_embed_command_prints_sentence_embeddings(tmp_path, capsys):
+    from distillery.cli import main
+
+    directory = save_tiny_sentence_encoder(tmp_path / "st")
+    assert main(["embed", str(directory), *SENTENCES[:3], "--json"]) == 0
+    embeddings = np.array(json.loads(capsys.readouterr().out)["embeddings"])
+    np.testing.assert_allclose(embeddings, st_encode(directory, SENTENCES[:3]), atol=1e-5)
+    # A plain encoder keeps per-token features, unless --pooling asks for one vector per text.
+    plain = directory.with_name("st-bert")
+    assert main(["embed", str(plain), "A man is eating food.", "--json"]) == 0
+    assert "features" in json.loads(capsys.readouterr().out)
+    assert main(["embed", str(plain), *SENTENCES[:2], "--pooling", "max", "--json"]) == 0
+    assert np.array(json.loads(capsys.readouterr().out)["embeddings"]).shape == (2, 32)
+    assert main(["embed", str(plain), *SENTENCES[:2]]) == 2
+    assert "--pooling" in capsys.readouterr().err
