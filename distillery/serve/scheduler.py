@@ -16,7 +16,9 @@ here one slot per row), the same code a CUDA graph replays. Sampling uses a `tor
 request seeded with the request's seed, and the processors of `generation.sampling`, so a seeded
 request draws the same tokens alone, among strangers, or from the text-generation pipeline after
 `set_seed` (up to float rounding of a batched matrix product, which has not changed a token in
-the tests).
+the tests, nor for eight seeded requests on a distilgpt2-sized model). int8 models are the
+exception: their layers quantise each step's activations with one scale for the whole batch, so
+a row's scores move slightly with its neighbours.
 
 The model code only runs prefill and decode steps; the threads meet in `GenerationHandle`
 (scheduler -> event loop) and in the scheduler's condition variable (event loop -> scheduler).
