@@ -39,10 +39,16 @@ from torch import nn
 from distillery.distill import losses
 from distillery.distill.chunked_losses import VocabLosses, fused_vocab_losses
 from distillery.distill.run_config import RunConfig, config_differences
-from distillery.models.checkpoint import atomic_write, build_model, load_model, write_json
+from distillery.models.checkpoint import (
+    atomic_write,
+    build_model,
+    family_of_config,
+    load_model,
+    preset_config,
+    preset_names,
+    write_json,
+)
 from distillery.models.common import DistilleryError, Pretrained
-from distillery.models.gpt2 import GPT2_PRESETS, GPT2Config
-from distillery.models.roberta import ROBERTA_PRESETS, RobertaConfig
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -102,33 +108,53 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 # Models, tokenizer and data
 
 
+# The size flags carry GPT-2's names; each family's config calls them its own way.
+_ENCODER_SIZES = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_embd": "hidden_size",
+                  "n_inner": "intermediate_size", "n_positions": "max_position_embeddings"}
+PRESET_SIZE_NAMES: dict[str, dict[str, str]] = {
+    "gpt2": {},
+    "roberta": _ENCODER_SIZES,
+    "bert": _ENCODER_SIZES,
+    "distilbert": {"n_layer": "n_layers", "n_head": "n_heads", "n_embd": "dim", "n_inner": "hidden_dim",
+                   "n_positions": "max_position_embeddings"},
+}
+# The token ids a preset takes from the tokenizer (BERT's and DistilBERT's configs have no bos/eos).
+PRESET_TOKEN_IDS = {"gpt2": ("bos_token_id", "eos_token_id"),
+                    "roberta": ("bos_token_id", "eos_token_id", "pad_token_id"),
+                    "bert": ("pad_token_id",), "distilbert": ("pad_token_id",)}
+
+
 def build_from_preset(name: str, overrides: dict[str, Any], tokenizer) -> Pretrained:
-    """A freshly initialised model from a preset name, sized for `tokenizer`."""
-    specials = {"vocab_size": tokenizer.vocab_size, "bos_token_id": tokenizer.bos_token_id,
-                "eos_token_id": tokenizer.eos_token_id}
-    if name in GPT2_PRESETS:
-        return build_model(GPT2Config.from_preset(name, **{**specials, **overrides}), "causal-lm")
-    renames = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_embd": "hidden_size",
-               "n_inner": "intermediate_size", "n_positions": "max_position_embeddings"}
-    overrides = {renames.get(k, k): v for k, v in overrides.items()}
-    if "hidden_size" in overrides and "intermediate_size" not in overrides:
-        overrides["intermediate_size"] = 4 * overrides["hidden_size"]
-    if "max_position_embeddings" in overrides:  # RoBERTa positions start after the pad id
+    """A freshly initialised model from any family's preset (`preset_names()`), sized for `tokenizer`:
+    a causal LM for GPT-2, a masked LM for the encoders.
+
+    `overrides` use GPT-2's size names (n_layer, n_head, n_embd, n_inner, n_positions), renamed
+    per family by PRESET_SIZE_NAMES; an encoder given a width but no MLP width gets 4 x the width,
+    as GPT-2 does. n_positions counts tokens: RoBERTa's table gets pad_token_id + 1 more rows,
+    since its positions start after the pad id.
+    """
+    family = family_of_config(preset_config(name))
+    sizes = PRESET_SIZE_NAMES[family]
+    overrides = {sizes.get(k, k): v for k, v in overrides.items()}
+    width, mlp_width = sizes.get("n_embd"), sizes.get("n_inner")
+    if width in overrides and mlp_width not in overrides:
+        overrides[mlp_width] = 4 * overrides[width]
+    if family == "roberta" and "max_position_embeddings" in overrides:
         overrides["max_position_embeddings"] += tokenizer.pad_token_id + 1
-    specials["pad_token_id"] = tokenizer.pad_token_id
-    return build_model(RobertaConfig.from_preset(name, **{**specials, **overrides}), "masked-lm")
+    specials = {"vocab_size": tokenizer.vocab_size, **{k: getattr(tokenizer, k) for k in PRESET_TOKEN_IDS[family]}}
+    return build_model(preset_config(name, **{**specials, **overrides}))
 
 
 def is_preset(name: str | None) -> bool:
-    return name in GPT2_PRESETS or name in ROBERTA_PRESETS
+    return name in preset_names()
 
 
 def load_lm(name: str) -> Pretrained:
-    """A checkpoint as a language model (RoBERTa checkpoints get their masked-LM head)."""
+    """A checkpoint as a language model (encoder checkpoints get their masked-LM head)."""
     from distillery.models.checkpoint import read_config, resolve_model_dir
 
     directory = resolve_model_dir(name)
-    task = "masked-lm" if read_config(directory).get("model_type") == "roberta" else None
+    task = None if read_config(directory).get("model_type") == "gpt2" else "masked-lm"
     return load_model(directory, task=task)
 
 
@@ -682,7 +708,8 @@ def _run(config: RunConfig, procs: Processes, out: Path, resume: bool, progress:
         check_model_fits_tokenizer(student, tokenizer)
     causal = student.family == "gpt2"
     if not causal and tokenizer.mask_token_id is None:
-        raise DistilleryError("A masked LM needs a tokenizer with a <mask> token; use a RoBERTa-style tokenizer.")
+        raise DistilleryError("A masked LM needs a tokenizer with a mask token; use a RoBERTa- or BERT-style "
+                              "tokenizer.")
     max_len = student.config.n_positions if causal else student.config.max_tokens
     if config.seq_len > max_len:
         raise DistilleryError(f"--seq-len {config.seq_len} exceeds the model's {max_len} positions; lower it.")

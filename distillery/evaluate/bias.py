@@ -103,18 +103,20 @@ def generation_demonstrations(model_path: str, tokenizer=None) -> list[dict[str,
 
 
 def fill_mask_demonstrations(model_path: str, tokenizer=None) -> list[dict[str, Any]]:
-    """DistilRoBERTa's: the five best fillers of "The man/woman worked as a <mask>." with scores."""
+    """DistilRoBERTa's: the five best fillers of "The man/woman worked as a <mask>." with scores
+    (the model's own mask token in the prompt: [MASK] for BERT and DistilBERT)."""
     from distillery.models.checkpoint import read_config, resolve_model_dir
     from distillery.pipelines import pipeline
 
-    if read_config(resolve_model_dir(model_path)).get("model_type") != "roberta":
+    if read_config(resolve_model_dir(model_path)).get("model_type") == "gpt2":
         raise DistilleryError(
             f"{model_path} is a causal LM; fill-mask probes need a masked LM (causal LMs get the generation probes)."
         )
     unmasker = pipeline("fill-mask", model=model_path, tokenizer=tokenizer)
+    prompts = [p.replace("<mask>", unmasker.tokenizer.mask_token) for p in FILL_MASK_PROMPTS]
     return [{"prompt": prompt, "fills": [{"token_str": o["token_str"], "score": float(o["score"])}
                                          for o in unmasker(prompt, top_k=FILL_MASK_TOP_K)]}
-            for prompt in FILL_MASK_PROMPTS]
+            for prompt in prompts]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,7 +179,7 @@ def crows_pair_scores(model, tokenizer, more: str, less: str) -> tuple[float, fl
         return (causal_log_likelihood(model, tokenizer.encode(more, add_special_tokens=False), prefix),
                 causal_log_likelihood(model, tokenizer.encode(less, add_special_tokens=False), prefix))
     if model.task != "masked-lm":
-        raise DistilleryError(f"CrowS-Pairs needs a language model head, not a RoBERTa {model.task!r} model.")
+        raise DistilleryError(f"CrowS-Pairs needs a language model head, not a {model.family} {model.task!r} model.")
     a = tokenizer.encode(more, add_special_tokens=True)
     b = tokenizer.encode(less, add_special_tokens=True)
     # Compare the inner tokens only: <s> and </s> are never masked.

@@ -148,9 +148,9 @@ def perplexity(model, tokenizer, text: str, max_length: int | None = None, strid
     (the guide's count), scored_tokens and nll_sum (exact), the harness figures and the settings.
     """
     masked = model.task == "masked-lm"
-    if model.family == "roberta" and not masked:
+    if model.family != "gpt2" and not masked:
         raise DistilleryError(
-            f"perplexity needs a language model head; this checkpoint is a RoBERTa {model.task!r} model "
+            f"perplexity needs a language model head; this checkpoint is a {model.family} {model.task!r} model "
             "(load it with task='masked-lm' for pseudo-perplexity)."
         )
     model_max = model.config.max_tokens - 2 if masked else model.config.n_positions

@@ -270,13 +270,15 @@ class BertForMaskedLM(_WithEncoder):
         position_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         logits_positions: torch.Tensor | None = None,  # (B, T) bool: compute the head only there
+        return_logits: bool = True,  # False: no logits; the decoder's input as `head_input` instead
     ) -> ModelOutput:
         """logits: (B, T, V), or (N, V) for the N positions selected by `logits_positions`."""
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
         x = out.last_hidden_state
         if logits_positions is not None:
             x = x[logits_positions]
-        out.logits = self.lm_decoder(self.lm_ln(self.lm_act(self.lm_dense(x))))
+        x = self.lm_ln(self.lm_act(self.lm_dense(x)))
+        out.logits, out.head_input = (self.lm_decoder(x), None) if return_logits else (None, x)
         return out
 
 

@@ -59,8 +59,10 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = add_command(subparsers, "fill-mask", fill_mask_command)
-    p.add_argument("model", metavar="MODEL", help="model folder or hub id (a RoBERTa masked language model)")
-    p.add_argument("text", metavar="TEXT", type=cli_types.text, help="text with one or more <mask> tokens")
+    p.add_argument("model", metavar="MODEL",
+                   help="model folder or hub id (a RoBERTa, BERT or DistilBERT masked language model)")
+    p.add_argument("text", metavar="TEXT", type=cli_types.text,
+                   help="text with one or more mask tokens (<mask> for RoBERTa, [MASK] for BERT)")
     p.add_argument("--top-k", type=cli_types.positive_int, default=5, help="predictions per mask (default: 5)")
     p.add_argument("--targets", nargs="+", metavar="WORD", type=cli_types.text,
                    help="score only these words or tokens")
@@ -192,9 +194,10 @@ def _speculative(args: argparse.Namespace, generator, options: dict[str, Any]) -
 
 
 def fill_mask_command(args: argparse.Namespace) -> int:
-    """Predict the tokens behind each <mask> in a text, as transformers' fill-mask pipeline.
+    """Predict the tokens behind each mask token in a text, as transformers' fill-mask pipeline.
 
     Example: distillery fill-mask distilroberta-base "The man worked as a <mask>."
+             distillery fill-mask distilbert-base-uncased "The man worked as a [MASK]."
     """
     from distillery.pipelines import pipeline
 
@@ -360,7 +363,7 @@ def stored_dtype(weight_files: list[Path], hf_config: dict[str, Any]) -> str:
 def _describe_tokenizer(directory: Path) -> dict[str, Any] | None:
     from distillery.tokenizer import load_tokenizer
 
-    if not any((directory / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+    if not any((directory / name).is_file() for name in ("tokenizer.json", "vocab.json", "vocab.txt")):
         return None
     tokenizer = load_tokenizer(directory)
     return {"style": tokenizer.style, "vocab_size": tokenizer.vocab_size}

@@ -124,6 +124,24 @@ def test_cli_student_copies_the_teachers_tokenizer(tmp_path, capsys):
     assert main(["student", str(teacher_dir), "--out", str(teacher_dir)]) == 2
 
 
+@pytest.mark.parametrize("cls_name", ["BertForMaskedLM", "DistilBertForMaskedLM"])
+def test_cli_student_copies_a_vocab_txt_tokenizer(tmp_path, capsys, cls_name):
+    import transformers
+    from conftest import copy_bert_vocab, save_tiny_bert
+
+    from distillery.tokenizer import load_tokenizer
+
+    # vocab.txt + tokenizer_config.json + special_tokens_map.json, no tokenizer.json: old BERT checkpoints.
+    depth = {"n_layers": 4} if cls_name.startswith("Distil") else {"num_hidden_layers": 4}
+    teacher_dir = copy_bert_vocab(save_tiny_bert(tmp_path / "t", cls_name, vocab_size=30522, **depth))
+    assert main(["student", str(teacher_dir), "--out", str(tmp_path / "s"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokenizer_copied"] is True
+    assert load_tokenizer(tmp_path / "s").fingerprint() == load_tokenizer(teacher_dir).fingerprint()
+    text = "Café owners in Zürich were unaffable."
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "s")(text)["input_ids"]
+    assert theirs == transformers.AutoTokenizer.from_pretrained(teacher_dir)(text)["input_ids"]
+
+
 @pytest.mark.parametrize("family", ["bert", "distilbert"])
 def test_cli_student_of_a_bert_family_teacher(tmp_path, capsys, family):
     import transformers

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import yaml
+from conftest import save_tiny_bert
 from tiny_run import make_data, make_gpt2, make_roberta, make_student
 
 from distillery.cli import main
@@ -16,6 +17,8 @@ from distillery.distill.data import TokenDataset
 from distillery.distill.run_config import RunConfig
 from distillery.distill.trainer import (
     Batch,
+    build_from_preset,
+    is_preset,
     kd_loss,
     load_lm,
     loss_terms,
@@ -44,6 +47,22 @@ def roberta_setup(tmp_path_factory):
     data = make_data(root, style="roberta")
     teacher = make_roberta(root / "teacher", root / "tokenizer", dropout=0.0, num_hidden_layers=2)
     return {"root": root, "data": data, "teacher": teacher, "student": make_student(teacher, root / "student")}
+
+
+@pytest.fixture(scope="module", params=["bert", "distilbert"])
+def bert_setup(request, tmp_path_factory):
+    """A trained WordPiece tokenizer, its data, a tiny BERT or DistilBERT masked LM teacher and its student."""
+    root = tmp_path_factory.mktemp(request.param)
+    data = make_data(root, style="bert")
+    tokenizer = load_tokenizer(root / "tokenizer")
+    no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0) if request.param == "bert" \
+        else dict(dropout=0.0, attention_dropout=0.0)
+    cls_name = {"bert": "BertForMaskedLM", "distilbert": "DistilBertForMaskedLM"}[request.param]
+    teacher = save_tiny_bert(root / "teacher", cls_name, vocab_size=tokenizer.vocab_size,
+                             pad_token_id=tokenizer.pad_token_id, **no_dropout)
+    tokenizer.save_pretrained(teacher)
+    return {"root": root, "data": data, "teacher": teacher, "student": make_student(teacher, root / "student"),
+            "class": cls_name}
 
 
 def distill_config(setup, out, **overrides) -> RunConfig:
@@ -179,6 +198,42 @@ def test_masked_lm_distillation_on_masked_positions_only(roberta_setup, tmp_path
                   progress=False)
     assert summary["steps"] == 4 and math.isfinite(summary["val_loss"])
     assert transformers.RobertaForMaskedLM.from_pretrained(tmp_path / "model").config.num_hidden_layers == 1
+
+
+def test_bert_and_distilbert_masked_lm_distillation(bert_setup, tmp_path):
+    import transformers
+
+    assert load_lm(str(bert_setup["teacher"])).task == "masked-lm"
+    summary = run(distill_config(bert_setup, tmp_path, kd_masked_only=True, cos_layers="mapped", alpha_mse=0.5),
+                  progress=False)
+    assert summary["steps"] == 4 and math.isfinite(summary["val_loss"])
+    losses_seen = train_losses(tmp_path)
+    assert all(math.isfinite(r[k]) for r in losses_seen for k in ("lm", "kd", "cos", "mse"))
+    student = getattr(transformers, bert_setup["class"]).from_pretrained(tmp_path / "model")
+    assert student.config.num_hidden_layers == 1
+
+
+@pytest.mark.parametrize("name,task,fields", [
+    ("distilgpt2", "causal-lm", dict(n_layer=2, n_head=2, n_embd=16, n_inner=None, n_positions=32, bos_token_id=0)),
+    ("distilroberta-base", "masked-lm",
+     dict(num_hidden_layers=2, num_attention_heads=2, hidden_size=16, intermediate_size=64,
+          max_position_embeddings=34, pad_token_id=1, bos_token_id=0)),  # positions start after the pad id
+    ("bert-base-uncased", "masked-lm", dict(num_hidden_layers=2, num_attention_heads=2, hidden_size=16,
+                                            intermediate_size=64, max_position_embeddings=32, pad_token_id=1)),
+    ("all-MiniLM-L6-v2", "masked-lm", dict(num_hidden_layers=2, hidden_size=16, max_position_embeddings=32)),
+    ("distilbert-base-uncased", "masked-lm",
+     dict(n_layers=2, n_heads=2, dim=16, hidden_dim=64, max_position_embeddings=32, pad_token_id=1)),
+])
+def test_any_family_preset_takes_the_size_flags(name, task, fields):
+    from types import SimpleNamespace
+
+    tokenizer = SimpleNamespace(vocab_size=120, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    assert is_preset(name) and not is_preset("bert-tiny") and not is_preset(None)
+    model = build_from_preset(name, {"n_layer": 2, "n_head": 2, "n_embd": 16, "n_positions": 32}, tokenizer)
+    assert model.task == task and model.config.vocab_size == 120
+    assert {k: getattr(model.config, k) for k in fields} == fields
+    max_tokens = model.config.n_positions if task == "causal-lm" else model.config.max_tokens
+    assert max_tokens == 32
 
 
 def test_yaml_config_with_flags_winning(gpt2_setup, tmp_path, capsys):

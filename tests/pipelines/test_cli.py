@@ -181,9 +181,9 @@ def test_generate_errors(capsys, gpt2_dir, roberta_dir):
 
 
 def test_info_errors(capsys, tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
     code, _, err = run(capsys, "info", tmp_path)
-    assert_one_line_error(code, err, "model_type 'bert' is not supported")
+    assert_one_line_error(code, err, "model_type 't5' is not supported")
     (tmp_path / "config.json").unlink()
     code, _, err = run(capsys, "info", tmp_path)
     assert_one_line_error(code, err, "has no config.json")
