@@ -194,3 +194,18 @@ def test_qa_fine_tuning_runs(tmp_path, cls_name, bert_tokenizer):
     result = tasks.finetune_qa(model, bert_tokenizer, examples, examples, settings, doc_stride=8, progress=False)
     dev = result["metrics"]["dev"]
     assert result["train_windows"] >= 2 and 0 <= dev["exact_match"] <= dev["f1"] <= 100
+
+
+# ----------------------------------------------------------------------------------------------
+# The model card of a BERT or DistilBERT folder
+
+
+@pytest.mark.parametrize("cls_name,family", [("BertForMaskedLM", "BERT"), ("DistilBertForMaskedLM", "DistilBERT")])
+def test_card_of_a_bert_family_folder(tmp_path, cls_name, family):
+    directory = tiny(tmp_path, cls_name)
+    out = tmp_path / "card" / "README.md"
+    assert main(["card", str(directory), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert f"is a {family} model with 2 layer(s), hidden size 32 and 4 attention heads" in text
+    assert f"**Architecture:** {cls_name}, context 40 positions, vocabulary 30,522" in text
+    assert "masked language model" in text and "unmasker(\"Hello I'm a [MASK] model.\")" in text

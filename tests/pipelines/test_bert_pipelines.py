@@ -122,3 +122,31 @@ def test_feature_extraction_equals_transformers(tmp_path, cls_name):
     cut = {"truncation": True, "max_length": 40}
     torch.testing.assert_close(torch.tensor(ours(long_text, truncation=True)),
                                torch.tensor(theirs(long_text, tokenize_kwargs=cut)), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("cls_name", ["BertForMaskedLM", "DistilBertForSequenceClassification"])
+def test_info_describes_a_bert_family_folder(tmp_path, cls_name, capsys):
+    import json
+
+    import transformers
+
+    from distillery.cli import main
+
+    directory = copy_bert_vocab(save_tiny_bert(tmp_path / "m", cls_name, vocab_size=VOCAB))
+    assert main(["info", str(directory), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    theirs = getattr(transformers, cls_name).from_pretrained(directory)
+    family = "distilbert" if cls_name.startswith("Distil") else "bert"
+    assert (info["family"], info["architecture"], info["parameters"]) == (family, cls_name, theirs.num_parameters())
+    assert (info["layers"], info["hidden_size"], info["heads"], info["intermediate_size"], info["positions"]) == \
+        (2, 32, 4, 37, 40)
+    assert info["tokenizer"] == {"style": "bert", "vocab_size": VOCAB}
+
+
+def test_fill_mask_command_on_a_bert_folder(masked_lm_dir, theirs, capsys):
+    import json
+
+    from distillery.cli import main
+
+    assert main(["fill-mask", str(masked_lm_dir), TEXTS[1], "--top-k", "3", "--json"]) == 0
+    assert_same_predictions(json.loads(capsys.readouterr().out), theirs(TEXTS[1], top_k=3))
