@@ -160,6 +160,14 @@ def _path(value: str) -> Path:
     return Path(value).expanduser()
 
 
+def path_or_name(value: str) -> str:
+    """A path or a name (a hub dataset, a preset): not empty, which a path would read as the
+    working folder."""
+    if not text(value).strip():
+        raise argparse.ArgumentTypeError("is empty; pass a path or a name.")
+    return value
+
+
 def existing_file(value: str) -> Path:
     """A file that exists (a folder or a missing path is refused, each with its own sentence)."""
     path = _path(value)

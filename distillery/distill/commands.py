@@ -12,7 +12,7 @@ from distillery.models.common import DistilleryError
 
 def register(subparsers) -> None:
     p = add_command(subparsers, "prepare", prepare_command)
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
+    p.add_argument("inputs", nargs="+", metavar="INPUT", type=cli_types.path_or_name,
                    help="text files, folders (searched recursively) or .jsonl files")
     p.add_argument("--tokenizer", metavar="TOK",
                    help="a model folder or tokenizer folder (tokenizer.json or vocab.json + merges.txt); "

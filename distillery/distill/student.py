@@ -66,13 +66,13 @@ def check_student_layers(layers: list[int], n_teacher_layers: int) -> None:
         )
 
 
-def parse_layers(text: str) -> list[int]:
+def parse_layers(text: str, flag: str = "--layers") -> list[int]:
     """'0,2,4' -> [0, 2, 4], with a DistilleryError naming the flag for anything else."""
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise DistilleryError(
-            f"--layers {text!r} is not a comma-separated list of layer numbers, e.g. 0,2,4,7,9,11."
+            f"{flag} {text!r} is not a comma-separated list of layer numbers, e.g. 0,2,4,7,9,11."
         ) from None
 
 

@@ -86,7 +86,7 @@ def _setting_types() -> dict[str, Any]:
 
     below_one = t.float_range(0.0, 1.0, high_open=True)
     counts = ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "save_every",
-              "log_every", "relation_heads")
+              "log_every", "relation_heads", "loss_chunk_size")
     weights = ("alpha_ce", "alpha_lm", "alpha_cos", "alpha_mse", "alpha_emb", "alpha_attn", "weight_decay",
                "grad_clip", "mlm_smoothing")
     return {**dict.fromkeys(counts, t.positive_int), **dict.fromkeys(weights, t.non_negative_float),
@@ -215,7 +215,7 @@ def distill_command(args: argparse.Namespace) -> int:
     if args.layer_map:
         from distillery.distill.student import parse_layers
 
-        layer_map = parse_layers(args.layer_map)
+        layer_map = parse_layers(args.layer_map, "--layer-map")
     config = resolve_config(args, "distill", {**SHARED_SETTINGS, **DISTILL_SETTINGS},
                             teacher=args.teacher, student=args.student, layer_map=layer_map)
     return _run_and_report(config, args)

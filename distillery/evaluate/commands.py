@@ -64,13 +64,14 @@ def register(subparsers) -> None:
 
     q = add_command(evals, "sts", sts_command)
     q.add_argument("model", metavar="MODEL", help="a sentence-transformers folder, or an encoder (mean pooling)")
-    q.add_argument("--data", required=True, metavar="FILE",
+    q.add_argument("--data", required=True, metavar="FILE", type=cli_types.existing_file,
                    help="STS-B scored pairs: GLUE's dev.tsv / train.tsv or an original sts-*.tsv")
-    q.add_argument("--batch-size", type=int, default=32, help="sentences per encoding batch (default: 32)")
+    q.add_argument("--batch-size", type=cli_types.positive_int, default=32,
+                   help="sentences per encoding batch (default: 32)")
     q.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights (default: float32)")
     q.add_argument("--teacher", metavar="TEACHER",
                    help="also score this (bigger) encoder, and time both on the same sentences in this run")
-    q.add_argument("--repeats", type=int, default=3, help="timed rounds per model with --teacher; the median "
+    q.add_argument("--repeats", type=cli_types.positive_int, default=3, help="timed rounds per model with --teacher; the median "
                    "is reported (default: 3)")
     _add_common(q)
 
@@ -289,12 +290,20 @@ def speed_command(args: argparse.Namespace) -> int:
 
     result = compare_speed(args.student, args.teacher, batch_size=args.batch_size, seq_len=args.seq_len,
                            new_tokens=args.new_tokens, repeats=args.repeats, device=args.device)
+    for name in ("student", "teacher"):  # lengths lowered to the model's positions, said once
+        m = result[name]
+        seq_len, new_tokens = m["encode_shape"][1], m.get("decode_new_tokens")
+        if seq_len < args.seq_len or (new_tokens is not None and new_tokens < args.new_tokens):
+            print(f"note: the {name} has fewer positions than asked for; it encodes {seq_len} tokens per sequence"
+                  + (f" and decodes {new_tokens} new tokens" if new_tokens is not None else ""), file=sys.stderr)
     lines = [f"{'':<10} {'parameters':>14} {'decode tok/s':>13} {'encode tok/s':>13}"]
     for name in ("student", "teacher"):
         m = result[name]
         decode = f"{m['decode_tokens_per_s']:.1f}" if m["decode_tokens_per_s"] else "–"
         lines.append(f"{name:<10} {m['parameters']:>14,} {decode:>13} {m['encode_tokens_per_s']:>13.1f}")
-    lines.append(f"student/teacher: {result['ratios']}")
+    ratios = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" if isinstance(v, (int, float)) else f"{k.replace('_', ' ')} –"
+                       for k, v in result["ratios"].items())
+    lines.append(f"student/teacher: {ratios}")
     return _finish(args, result, lines)
 
 

@@ -62,7 +62,11 @@ def read_conll(path: str | Path) -> list[TaggedSentence]:
     if not path.is_file():
         raise DistilleryError(f"{path} does not exist; pass a CoNLL-style file (word ... tag per line).")
     sentences, words, tags = [], [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DistilleryError(f"{path} is not UTF-8 text (byte {e.start}); pass a CoNLL-style text file.") from e
+    for number, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if not fields or fields[0] == "-DOCSTART-":
             if words:
@@ -229,14 +233,27 @@ def read_squad(path: str | Path) -> list[QAExample]:
             for paragraph in article["paragraphs"]:
                 for qa in paragraph["qas"]:
                     answers = qa.get("answers", [])
+                    _check_answers(path, str(qa["id"]), paragraph["context"], answers)
                     examples.append(QAExample(str(qa["id"]), qa["question"], paragraph["context"],
                                               [a["text"] for a in answers],
                                               answers[0]["answer_start"] if answers else None))
+    except UnicodeDecodeError as e:
+        raise DistilleryError(f"{path} is not UTF-8 text (byte {e.start}); pass a SQuAD-style JSON file.") from e
     except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise DistilleryError(f"{path} is not in SQuAD's layout (data / paragraphs / context, qas): {e!r}.") from e
     if not examples:
         raise DistilleryError(f"{path} has no questions.")
     return examples
+
+
+def _check_answers(path: Path, qid: str, context: str, answers: list[dict[str, Any]]) -> None:
+    """Every answer must be the context's text at its answer_start: a span elsewhere would train
+    and score the model on the wrong tokens without a word."""
+    for answer in answers:
+        text, start = answer["text"], answer["answer_start"]
+        if not isinstance(start, int) or isinstance(start, bool) or context[start:start + len(text)] != text:
+            raise DistilleryError(f"{path}: the answer {text!r} of question {qid} is not in its context at "
+                                  f"answer_start {start!r}; fix the file.")
 
 
 @dataclass

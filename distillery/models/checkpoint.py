@@ -104,6 +104,8 @@ class CheckpointError(DistilleryError):
 
 def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
     """A local folder as is; otherwise a hub id, from huggingface_hub's cache or the hub."""
+    if not str(name_or_path).strip():  # Path("") is the working folder, which is never meant
+        raise CheckpointError("The model is an empty name; pass a model folder or a hub id.")
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -237,7 +239,31 @@ def _read_file(file: Path) -> dict[str, torch.Tensor]:
 
 
 def config_from_hf(family: str, hf: dict[str, Any]):
-    return FAMILIES[family].config.from_hf(hf)
+    config = FAMILIES[family].config.from_hf(hf)
+    check_field_kinds(config)
+    return config
+
+
+def check_field_kinds(config) -> None:
+    """Every bool, int, float and str field holds a value of its default's kind: config.json's
+    `"layer_norm_epsilon": "1e-5"` would otherwise load and fail deep inside the first forward
+    pass, and only for the commands that run one."""
+    import dataclasses
+    import math
+
+    names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+    for f in dataclasses.fields(config):
+        kind, value = type(f.default), getattr(config, f.name)
+        if kind not in names or value is None:
+            continue
+        if kind is float:
+            fits = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        elif kind is int:
+            fits = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            fits = isinstance(value, kind)
+        if not fits:
+            raise TypeError(f"{type(config).__name__}.{f.name} must be {names[kind]}, got {value!r}.")
 
 
 def family_of_config(config) -> str:
@@ -359,6 +385,10 @@ def load_hf_state_dict(model: Pretrained, their_state: dict[str, torch.Tensor], 
                 f"{source}: tensor {their_name(name)} has shape {tuple(tensor.shape)} but config.json implies "
                 f"{tuple(expected[name].shape)}; the weights and config.json do not match."
             )
+        # NaN or infinite weights make every output NaN, silently; one pass over the weights says so at load.
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{source}: tensor {their_name(name)} holds NaN or infinite values; the checkpoint "
+                                  "is broken (a diverged run?), so use an earlier one.")
     model.load_state_dict({k: v for k, v in ours.items() if k in expected}, strict=False)
     if new_head:
         model.newly_initialized = new_head  # reported by callers that fine-tune

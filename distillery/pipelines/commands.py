@@ -72,12 +72,13 @@ def register(subparsers) -> None:
     p = add_command(subparsers, "embed", embed_command)
     p.add_argument("model", metavar="MODEL", help="model folder or hub id (a sentence-transformers folder gives "
                    "one embedding per text)")
-    p.add_argument("text", metavar="TEXT", nargs="+", help="text(s) to embed")
+    p.add_argument("text", metavar="TEXT", nargs="+", type=cli_types.text, help="text(s) to embed")
     p.add_argument("--pooling", choices=list(POOLING_CHOICES),
                    help="pool each text's token features into one embedding (default: the sentence-transformers "
                         "folder's own pooling; other models print per-token features)")
     p.add_argument("--normalize", action="store_true", help="L2-normalise sentence embeddings")
-    p.add_argument("--batch-size", type=int, default=32, help="texts per batch for sentence embeddings (default: 32)")
+    p.add_argument("--batch-size", type=cli_types.positive_int, default=32,
+                   help="texts per batch for sentence embeddings (default: 32)")
     p.add_argument("--truncation", action="store_true", help="cut texts longer than the model's positions")
     _add_device_flags(p)
     p.add_argument("--json", action="store_true", help='print {"embeddings": [[...], ...]} for sentence embeddings, '
