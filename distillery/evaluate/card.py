@@ -100,6 +100,10 @@ def read_source(source: str | Path) -> dict[str, Any]:
     info["evals"] = read_evals(source / EVAL_DIR)
     # A sentence encoder's run keeps the untrained student's scores in eval/before/.
     info["before"] = read_evals(source / EVAL_DIR / "before")
+    # Other models to compare with, one folder each: eval/compare/<label>/ (e.g. another layer choice).
+    compare = source / EVAL_DIR / "compare"
+    info["compare"] = {p.name.replace("-", " "): read_evals(p) for p in sorted(compare.iterdir()) if p.is_dir()} \
+        if compare.is_dir() else {}
     info["sentence_encoder"] = (model_dir / "modules.json").is_file()
     energy = info.get("summary", {}).get("energy") or info["evals"].get("energy")
     if energy:
@@ -399,15 +403,18 @@ def section_sts(info: dict[str, Any], teacher: dict[str, Any]) -> list[str]:
         return lines + [f"STS: {NOT_MEASURED} (run `distillery eval sts MODEL --data sts-test.tsv --save "
                         f"{EVAL_DIR}/sts-test.json`).", ""]
     before = info.get("before", {}).get("sts", {})
+    compare = {label: evals.get("sts", {}) for label, evals in info.get("compare", {}).items()}
     lines += ["Spearman correlation x 100 between the cosine of the two sentences' embeddings and the gold "
               "similarity; the student's 95 % interval beside it.", "",
-              "| data | teacher | student before distillation | distilled student | student 95% CI |",
-              "|---|---|---|---|---|"]
+              "| data | teacher | " + "".join(f"{label} | " for label in compare)
+              + "student before distillation | distilled student | student 95% CI |",
+              "|---|---|" + "---|" * len(compare) + "---|---|---|"]
     for name, r in sts.items():
         t = teacher.get("sts", {}).get(name, {}).get("spearman") or r.get("teacher", {}).get("spearman")
         b = before.get(name, {}).get("spearman")
+        others = "".join(f"{_fmt(c.get(name, {}).get('spearman'))} | " for c in compare.values())
         low, high = r["spearman_ci"]
-        lines.append(f"| {name} ({r['pairs']} pairs) | {_fmt(t)} | {_fmt(b)} | {_fmt(r['spearman'])} | "
+        lines.append(f"| {name} ({r['pairs']} pairs) | {_fmt(t)} | {others}{_fmt(b)} | {_fmt(r['spearman'])} | "
                      f"{low:.2f}–{high:.2f} |")
     lines.append("")
     speeds = [r["speed"] for r in sts.values() if "speed" in r]
