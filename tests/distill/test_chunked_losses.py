@@ -17,6 +17,7 @@ from distillery.distill.chunked_losses import VocabLosses, fused_vocab_losses
 from distillery.distill.data import TokenDataset
 from distillery.distill.run_config import RunConfig
 from distillery.distill.trainer import Batch, batch_loss, load_lm, make_batch, run
+from distillery.models.common import DistilleryError
 from distillery.tokenizer import load_tokenizer
 
 N, C, C_T, V = 10, 6, 8, 37
@@ -272,8 +273,11 @@ def test_a_chunk_size_of_zero_is_one_sentence(gpt2_setup, tmp_path, capsys):
         code = main(["distill", "--teacher", str(gpt2_setup["teacher"]), "--student", str(gpt2_setup["student"]),
                      "--data", str(gpt2_setup["data"]), "--out", str(tmp_path / "run"), "--loss-chunk-size", bad])
         err = capsys.readouterr().err
-        assert code == 2 and "loss_chunk_size" in err and "Traceback" not in err
+        assert code == 2 and "--loss-chunk-size" in err and "Traceback" not in err
         assert len(err.strip().splitlines()) == 1
+    for bad in (0, -3):  # from a YAML file
+        with pytest.raises(DistilleryError, match="loss_chunk_size must be a positive integer"):
+            RunConfig(loss_chunk_size=bad)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
