@@ -130,6 +130,13 @@ def text(value: str) -> str:
     return value
 
 
+def non_empty(value: str) -> str:
+    """Text that is not empty (an empty value would read as the option left out)."""
+    if not text(value).strip():
+        raise argparse.ArgumentTypeError("is empty; pass a value or leave the option out.")
+    return value
+
+
 def device(value: str) -> str:
     """A torch device name this machine has: cpu, cuda, cuda:N, mps."""
     import torch

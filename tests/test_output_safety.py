@@ -116,3 +116,178 @@ def gpt2_with_tokenizer(tmp_path) -> Path:
     for p in (tmp_path / "tok").iterdir():
         (model / p.name).write_bytes(p.read_bytes())
     return model
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    """The parser walk's tiny models and data (built once for this module)."""
+    from test_cli_walk import build_fixtures
+
+    return {k: Path(v) for k, v in build_fixtures(tmp_path_factory.mktemp("safety")).items()}
+
+
+@pytest.fixture
+def prepared(inputs, tmp_path, capsys) -> Path:
+    """A good data folder of this test's own."""
+    out = tmp_path / "data"
+    assert run(capsys, "prepare", inputs["text"], "--tokenizer", inputs["gpt2"], "--out", out)[0] == 0
+    return out
+
+
+def assert_refused(code: int, err: str, *fragments: str) -> None:
+    assert code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert ": error: " in last and all(f in last for f in fragments), last
+
+
+@pytest.mark.parametrize("failure", ["empty folder", "wrong text field", "interrupted"])
+def test_prepare_overwrite_that_fails_keeps_the_old_data(inputs, prepared, tmp_path, capsys, monkeypatch, failure):
+    before = snapshot(prepared)
+    given = tmp_path / "given"
+    if failure == "empty folder":
+        (given / "empty").mkdir(parents=True)
+        argv = [given / "empty"]
+    elif failure == "wrong text field":
+        given.mkdir()
+        (given / "records.jsonl").write_text('{"body": "some text"}\n{"body": "more text"}\n')
+        argv = [given / "records.jsonl", "--text-field", "text"]
+    else:
+        from distillery.tokenizer.tokenizer import Tokenizer
+
+        def interrupt(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(Tokenizer, "encode_batch", interrupt)
+        argv = [inputs["text"]]
+    code, _, err = run(capsys, "prepare", *argv, "--tokenizer", inputs["gpt2"], "--out", prepared, "--overwrite")
+    assert code == (130 if failure == "interrupted" else 2)
+    assert snapshot(prepared) == before and set(siblings(prepared)) <= {"data", "given"}  # no staging left
+
+
+def test_prepare_over_existing_data_needs_overwrite(inputs, prepared, capsys):
+    before = snapshot(prepared)
+    code, _, err = run(capsys, "prepare", inputs["text"], "--tokenizer", inputs["gpt2"], "--out", prepared)
+    assert_refused(code, err, "already holds", "--overwrite")
+    assert snapshot(prepared) == before
+    assert run(capsys, "prepare", inputs["text"], "--tokenizer", inputs["gpt2"], "--out", prepared,
+               "--overwrite")[0] == 0
+
+
+def test_student_over_an_existing_model(inputs, tmp_path, capsys):
+    out = tmp_path / "student"
+    assert run(capsys, "student", inputs["gpt2"], "--out", out)[0] == 0
+    before = snapshot(out)
+    code, _, err = run(capsys, "student", inputs["gpt2"], "--out", out, "--layers", "0")
+    assert_refused(code, err, "already holds", "--overwrite")
+    assert snapshot(out) == before
+    assert run(capsys, "student", inputs["gpt2"], "--out", out, "--layers", "0", "--overwrite")[0] == 0
+    assert json.loads((out / "config.json").read_text())["n_layer"] == 1 and siblings(out) == ["student"]
+    code, _, err = run(capsys, "student", inputs["gpt2"], "--out", inputs["gpt2"], "--overwrite")
+    assert_refused(code, err, "teacher's folder")
+
+
+def test_tokenizer_train_never_replaces_a_models_vocabulary(inputs, capsys):
+    before = snapshot(inputs["gpt2"])
+    for extra in ([], ["--overwrite"]):
+        code, _, err = run(capsys, "tokenizer", "train", inputs["text"], "--vocab-size", 280, "--out",
+                           inputs["gpt2"], *extra)
+        assert_refused(code, err, "holds a model")
+    assert snapshot(inputs["gpt2"]) == before
+
+
+def test_tokenizer_train_over_a_tokenizer(inputs, tmp_path, capsys):
+    out = tmp_path / "tok"
+    assert run(capsys, "tokenizer", "train", inputs["text"], "--vocab-size", 280, "--out", out)[0] == 0
+    before = snapshot(out)
+    code, _, err = run(capsys, "tokenizer", "train", inputs["text"], "--vocab-size", 290, "--out", out)
+    assert_refused(code, err, "--overwrite")
+    assert snapshot(out) == before
+    (inputs["folder"] / "empty.txt").write_text("")
+    try:  # a training that fails leaves the old tokenizer
+        code, _, err = run(capsys, "tokenizer", "train", inputs["folder"] / "empty.txt", "--vocab-size", 290,
+                           "--out", out, "--overwrite")
+    finally:
+        (inputs["folder"] / "empty.txt").unlink()
+    assert code == 2 and snapshot(out) == before
+
+
+@pytest.mark.parametrize("command", ["glue", "finetune"])
+def test_output_folder_equal_to_the_input_model(inputs, capsys, command):
+    model = inputs["roberta"] if command == "glue" else inputs["gpt2"]
+    before = snapshot(model)
+    argv = {"glue": ["glue", "sst2", model, "--data", inputs["glue"], "--epochs", 1, "--max-length", 16],
+            "finetune": ["finetune", model, "--train", inputs["text"], "--max-steps", 1, "--block-size", 8]}[command]
+    for extra in ([], ["--overwrite"]):
+        code, _, err = run(capsys, *argv, "--out", model, *extra)
+        assert_refused(code, err, "is the input")
+    assert snapshot(model) == before
+
+
+def test_glue_output_dir_alias_and_refusal(inputs, tmp_path, capsys):
+    out = tmp_path / "glue-model"
+    argv = ["glue", "sst2", inputs["roberta"], "--data", inputs["glue"], "--epochs", 1, "--max-length", 16,
+            "--batch-size", 4]
+    assert run(capsys, *argv, "--output-dir", out)[0] == 0
+    assert (out / "config.json").is_file()
+    before = snapshot(out)
+    code, _, err = run(capsys, *argv, "--out", out)
+    assert_refused(code, err, "--overwrite")
+    assert snapshot(out) == before
+
+
+def test_finetune_checks_its_eval_text_before_training(inputs, tmp_path, capsys):
+    (tmp_path / "short.txt").write_text(" ")
+    out = tmp_path / "ft"
+    code, _, err = run(capsys, "finetune", inputs["gpt2"], "--train", inputs["text"], "--eval", tmp_path / "short.txt",
+                       "--out", out, "--max-steps", 1, "--block-size", 8)
+    assert_refused(code, err, "--eval")
+    assert not out.exists()
+
+
+def test_finetune_over_its_own_output(inputs, tmp_path, capsys):
+    out = tmp_path / "ft"
+    argv = ["finetune", inputs["gpt2"], "--train", inputs["text"], "--out", out, "--max-steps", 1, "--block-size", 8,
+            "--batch-size", 2]
+    assert run(capsys, *argv)[0] == 0
+    before = snapshot(out)
+    code, _, err = run(capsys, *argv)
+    assert_refused(code, err, "--overwrite")
+    assert snapshot(out) == before
+    code, out_text, _ = run(capsys, *argv, "--overwrite", "--json")
+    assert code == 0 and json.loads(out_text)["steps"] == 1 and siblings(out) == ["ft"]
+
+
+def test_save_and_card_never_replace_a_file_that_is_not_theirs(inputs, capsys):
+    before = snapshot(inputs["file"].parent)
+    code, _, err = run(capsys, "eval", "perplexity", inputs["gpt2"], "--data", inputs["text"], "--save", inputs["file"])
+    assert_refused(code, err, "not a saved JSON result")
+    code, _, err = run(capsys, "card", inputs["gpt2"], "--out", inputs["file"])
+    assert_refused(code, err, "not a .md file")
+    assert snapshot(inputs["file"].parent) == before
+
+
+def test_nonfinite_loss_stops_finetuning(inputs, tmp_path, capsys):
+    code, _, err = run(capsys, "finetune", inputs["gpt2"], "--train", inputs["text"], "--out", tmp_path / "ft",
+                       "--max-steps", 5, "--block-size", 8, "--lr", "1e30")
+    assert_refused(code, err, "The training loss became", "lower --lr")
+    assert not (tmp_path / "ft").exists()
+
+
+def test_train_resume_without_a_run(inputs, tmp_path, capsys):
+    code, _, err = run(capsys, "train", "--out", tmp_path / "nothing-here", "--resume")
+    assert_refused(code, err, "no run to resume")
+
+
+def test_diverging_training_stops_before_saving_broken_weights(inputs, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--model", inputs["gpt2"], "--data", inputs["data"], "--out", out,
+                       "--max-steps", 3, "--batch-size", 2, "--seq-len", 8, "--warmup-steps", 0, "--eval-every", 3,
+                       "--save-every", 3, "--no-plot", "--device", "cpu", "--lr", "1e14")
+    assert_refused(code, err, "lower --lr")
+    assert not (out / "model").exists() and not (out / "checkpoint.pt").exists()
+
+
+def test_layer_map_without_mapped_cosine_is_refused(inputs, tmp_path, capsys):
+    code, _, err = run(capsys, "distill", "--teacher", inputs["gpt2"], "--student", inputs["student"], "--data",
+                       inputs["data"], "--out", tmp_path / "run", "--layer-map", "0")
+    assert_refused(code, err, "--cos-layers mapped")

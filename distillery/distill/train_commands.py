@@ -94,25 +94,25 @@ def _setting_types() -> dict[str, Any]:
             "temperature": t.positive_float, "min_lr_ratio": t.probability, "beta": t.probability,
             "adam_beta1": below_one, "adam_beta2": below_one, "mlm_prob": t.open_fraction,
             "device": t.device_or_auto, "data": t.existing_folder, "out": t.output_folder,
-            "eval_sts": t.existing_file}
+            "eval_sts": t.existing_file, "tokenizer": t.non_empty, "carbon_region": t.non_empty}
 
 
 def register(subparsers) -> None:
+    from distillery import cli_types
     from distillery.cli import add_command
 
     p = add_command(subparsers, "train", train_command)
-    p.add_argument("--model",
+    p.add_argument("--model", type=cli_types.non_empty,
                    help="checkpoint folder / hub id, or a preset (gpt2, distilgpt2, roberta-base, ...)")
-    from distillery import cli_types
-
     for name in MODEL_SIZE_FLAGS:
         p.add_argument(_flag(name), type=cli_types.positive_int, help=f"preset override: {name}")
     _add_run_flags(p, SHARED_SETTINGS)
 
     p = add_command(subparsers, "distill", distill_command)
-    p.add_argument("--teacher", help="teacher model folder or hub id")
-    p.add_argument("--student", help="student model folder (see `distillery student`)")
-    p.add_argument("--layer-map", help="teacher layer of each student layer for --cos-layers mapped, e.g. 0,2,4")
+    p.add_argument("--teacher", type=cli_types.non_empty, help="teacher model folder or hub id")
+    p.add_argument("--student", type=cli_types.non_empty, help="student model folder (see `distillery student`)")
+    p.add_argument("--layer-map", type=cli_types.non_empty,
+                   help="teacher layer of each student layer for --cos-layers mapped, e.g. 0,2,4")
     _add_run_flags(p, {**SHARED_SETTINGS, **DISTILL_SETTINGS})
 
     p = add_command(subparsers, "demo", demo_command)
@@ -218,6 +218,9 @@ def distill_command(args: argparse.Namespace) -> int:
         layer_map = parse_layers(args.layer_map, "--layer-map")
     config = resolve_config(args, "distill", {**SHARED_SETTINGS, **DISTILL_SETTINGS},
                             teacher=args.teacher, student=args.student, layer_map=layer_map)
+    if layer_map is not None and config.cos_layers != "mapped":
+        raise DistilleryError("--layer-map pairs layers for --cos-layers mapped only; add --cos-layers mapped or drop "
+                              "--layer-map.")
     return _run_and_report(config, args)
 
 

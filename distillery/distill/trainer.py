@@ -806,6 +806,8 @@ def _run(config: RunConfig, procs: Processes, out: Path, resume: bool, progress:
             # Stop before a checkpoint of broken weights replaces the last good one.
             kept = f"{checkpoint_path} keeps the last good step" if checkpoint_path.exists() else \
                 "nothing was saved yet"
+            if bar is not None:
+                bar.close()  # before the sentence, so that it is the last line
             raise DistilleryError(f"The training loss became {step_terms['loss']} at step {step} ({kept}); lower "
                                   f"--lr (now {config.lr:g}) or check the data, and --resume or start again.")
 
@@ -829,6 +831,13 @@ def _run(config: RunConfig, procs: Processes, out: Path, resume: bool, progress:
             last_eval = evaluate_loss(student, val_data, config, causal, tokenizer, mask_weights)
             log.write({"step": step, "val_loss": last_eval, "val_ppl": math.exp(min(last_eval, 50))})
         if step % config.save_every == 0 or step == config.max_steps:
+            if not all(bool(torch.isfinite(p).all()) for p in student.parameters()):
+                # The last update broke the weights: keep the checkpoint before it.
+                if bar is not None:
+                    bar.close()
+                raise DistilleryError(f"The weights became NaN or infinite by step {step} ({checkpoint_path} keeps "
+                                      f"the last good step, if any); lower --lr (now {config.lr:g}) and start again "
+                                      "or --resume.")
             rng = _gather_random_states(random_states(generator), procs)
             if procs.is_main:
                 save_checkpoint(checkpoint_path, {

@@ -69,7 +69,7 @@ def register(subparsers) -> None:
     q.add_argument("--batch-size", type=cli_types.positive_int, default=32,
                    help="sentences per encoding batch (default: 32)")
     q.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights (default: float32)")
-    q.add_argument("--teacher", metavar="TEACHER",
+    q.add_argument("--teacher", metavar="TEACHER", type=cli_types.non_empty,
                    help="also score this (bigger) encoder, and time both on the same sentences in this run")
     q.add_argument("--repeats", type=cli_types.positive_int, default=3, help="timed rounds per model with --teacher; the median "
                    "is reported (default: 3)")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from distillery.evaluate.glue import finite_loss, warmup_linear_decay
+from distillery.evaluate.glue import check_finite_weights, finite_loss, warmup_linear_decay
 from distillery.models.common import DistilleryError
 
 
@@ -89,6 +89,7 @@ def finetune_causal_lm(model, tokenizer, train_text: str, settings: CausalFinetu
                 losses.append({"step": step, "loss": loss.item()})
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
+    check_finite_weights(model, settings.learning_rate)
     model.eval()
     return {"steps": step, "blocks": len(blocks), "tokens_per_epoch": blocks.numel(),
             "final_train_loss": losses[-1]["loss"], "losses": losses, "settings": vars(settings)}

@@ -340,6 +340,14 @@ def finite_loss(loss: torch.Tensor, step: int, learning_rate: float) -> float:
     return value
 
 
+def check_finite_weights(model: torch.nn.Module, learning_rate: float) -> None:
+    """After the last step: an update can break the weights after the last loss was seen finite,
+    and every score of broken weights is NaN, so fine-tuning stops with a sentence instead."""
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise DistilleryError(f"The weights became NaN or infinite in the last steps of fine-tuning; lower --lr (now "
+                              f"{learning_rate:g}).")
+
+
 def warmup_linear_decay(step: int, warmup_steps: int, total_steps: int) -> float:
     """The learning-rate factor: step/warmup rising to 1, then falling linearly to 0 at total_steps."""
     if step < warmup_steps:
@@ -388,6 +396,7 @@ def finetune_glue(model, tokenizer, task: GlueTask, splits: dict[str, list[Examp
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
     bar.close()
+    check_finite_weights(model, settings.learning_rate)
     results: dict[str, Any] = {}
     for name, examples in splits.items():
         if name == "train":

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from distillery.evaluate.glue import (
     FinetuneSettings,
+    check_finite_weights,
     collate,
     finite_loss,
     forward_padded,
@@ -180,6 +181,7 @@ def train_on_batches(model, items: list[Any], batch_loss: Callable[[list[Any]], 
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
     bar.close()
+    check_finite_weights(model, settings.learning_rate)
     return total
 
 

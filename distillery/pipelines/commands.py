@@ -42,7 +42,8 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=cli_types.seed, help="random seed, for reproducible sampling")
     p.add_argument("--stop", action="append", metavar="TEXT", type=cli_types.text,
                    help="stop when this text appears (repeatable)")
-    p.add_argument("--draft", metavar="MODEL", help="speculative decoding: a smaller model with the same "
+    p.add_argument("--draft", metavar="MODEL", type=cli_types.non_empty,
+                   help="speculative decoding: a smaller model with the same "
                    "tokenizer drafts tokens that MODEL verifies (same output as MODEL alone)")
     p.add_argument("--draft-k", type=cli_types.positive_int, default=4,
                    help="tokens drafted per round with --draft (default: 4)")
