@@ -66,7 +66,8 @@ DISTILL_SETTINGS = {
     "beta": "gjsd: 0 is forward KL, 1 reverse KL",
     "cos_layers": f"{', '.join(COS_LAYERS)}: cosine on the last layer or every student layer",
     "kd_masked_only": "masked LM: soft targets only at masked positions",
-    "teacher_dtype": f"{', '.join(TEACHER_DTYPES)}: weights of the frozen teacher's forward (int8: CPU only)",
+    "teacher_dtype": f"{', '.join(TEACHER_DTYPES)}: the frozen teacher's weights (int8: CPUs only; bf16: for GPUs, "
+                     "slow on CPUs without bf16 units)",
     "objective": "lm (logits and hidden states of language models) or embedding (sentence encoders, "
                  "data from `prepare --sentences`)",
     "alpha_emb": "embedding: weight of the MSE between pooled sentence embeddings",

@@ -221,11 +221,11 @@ def resolve_layer_map(config: RunConfig, teacher: Pretrained, student: Pretraine
 def prepare_teacher(teacher: Pretrained, dtype: str, device: torch.device) -> Pretrained:
     """The frozen teacher on `device`, its forward in `dtype`: fp32; int8 (CPU: FBGEMM's int8 linear
     layers, see generation/quantize.py); or bf16 (fast on GPUs, emulated and slow on most CPUs)."""
+    if dtype == "int8" and device.type != "cpu":
+        raise DistilleryError(f"--teacher-dtype int8 runs on the CPU only, but the run is on {device}; "
+                              "use --teacher-dtype bf16 on a GPU.")
     teacher.to(device).eval().requires_grad_(False)
     if dtype == "int8":
-        if device.type != "cpu":
-            raise DistilleryError(f"--teacher-dtype int8 runs on the CPU only, but the run is on {device}; "
-                                  "use --teacher-dtype bf16 on a GPU.")
         from distillery.generation.quantize import quantize_model
 
         quantize_model(teacher, "int8")
@@ -394,7 +394,8 @@ def batch_loss(model: nn.Module, teacher: nn.Module | None, batch: Batch, causal
                        config.loss_chunk_size)
     kd_rows = batch.kd_mask if positions is None else None  # the head ran at `positions` only
     targets = batch.targets if positions is None else batch.targets[positions]
-    loss, terms = vocab_losses(model, s.head_input, targets, spec, teacher, t.head_input if t else None, kd_rows)
+    loss, terms = vocab_losses(model, s.head_input, targets, spec, teacher, t.head_input if t is not None else None,
+                                kd_rows)
     if want_hidden:
         cos = cosine_term(s.hidden_states, t.hidden_states, layers)
         loss = loss + scales["cos"] * cos

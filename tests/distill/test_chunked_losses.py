@@ -16,7 +16,7 @@ from distillery.distill import losses
 from distillery.distill.chunked_losses import VocabLosses, fused_vocab_losses
 from distillery.distill.data import TokenDataset
 from distillery.distill.run_config import RunConfig
-from distillery.distill.trainer import Batch, batch_loss, load_lm, make_batch, run
+from distillery.distill.trainer import Batch, batch_loss, load_lm, make_batch, prepare_teacher, run
 from distillery.models.common import DistilleryError
 from distillery.tokenizer import load_tokenizer
 
@@ -288,3 +288,8 @@ def test_a_compiled_student_logs_the_same_losses(gpt2_setup, tmp_path):
         for key in ("loss", "lm", "kd", "cos"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
     assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-5)
+
+
+def test_an_int8_teacher_off_the_cpu_is_one_sentence(gpt2_setup):
+    with pytest.raises(DistilleryError, match="--teacher-dtype int8 runs on the CPU only.*bf16"):
+        prepare_teacher(load_lm(str(gpt2_setup["teacher"])), "int8", torch.device("cuda"))
