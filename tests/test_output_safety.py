@@ -291,3 +291,18 @@ def test_layer_map_without_mapped_cosine_is_refused(inputs, tmp_path, capsys):
     code, _, err = run(capsys, "distill", "--teacher", inputs["gpt2"], "--student", inputs["student"], "--data",
                        inputs["data"], "--out", tmp_path / "run", "--layer-map", "0")
     assert_refused(code, err, "--cos-layers mapped")
+
+
+def test_validation_split_too_small_fails_before_the_first_step(inputs, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--model", inputs["gpt2"], "--data", inputs["data"], "--out", out,
+                       "--max-steps", 1, "--batch-size", 2, "--seq-len", 5000, "--device", "cpu")
+    assert_refused(code, err, "fewer than one window")
+    assert not out.exists()
+
+
+def test_encoder_preset_on_a_gpt2_tokenizer(inputs, tmp_path, capsys):
+    code, _, err = run(capsys, "train", "--model", "roberta-base", "--n-layer", 1, "--n-embd", 16, "--n-head", 2,
+                       "--data", inputs["data"], "--tokenizer", inputs["gpt2"], "--out", tmp_path / "run",
+                       "--max-steps", 1, "--batch-size", 2, "--seq-len", 8, "--device", "cpu")
+    assert_refused(code, err, "roberta-base preset needs special tokens")

@@ -536,7 +536,8 @@ class TokenDataset:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def _check_fits(self, seq_len: int) -> None:
+    def check_fits(self, seq_len: int) -> None:
+        """One window of seq_len + 1 tokens fits in the split, or a sentence saying it does not."""
         if len(self) < seq_len + 1:
             raise DistilleryError(
                 f"the {self.split} split of {self.meta['path']} has {len(self)} tokens, fewer than one window "
@@ -549,7 +550,7 @@ class TokenDataset:
         Inputs are [:, :-1] and next-token targets [:, 1:]. Windows may cross document
         boundaries (the EOS between documents tells the model so), as in GPT-2's training.
         """
-        self._check_fits(seq_len)
+        self.check_fits(seq_len)
         starts = torch.randint(0, len(self) - seq_len, (batch_size,), generator=generator).tolist()
         rows = [np.asarray(self.tokens[s:s + seq_len + 1], dtype=np.int64) for s in starts]
         return torch.from_numpy(np.stack(rows))
@@ -560,7 +561,7 @@ class TokenDataset:
         predicted exactly once. Batches hold up to batch_size windows (the last may hold fewer);
         a tail shorter than a window is left out.
         """
-        self._check_fits(seq_len)
+        self.check_fits(seq_len)
         n_windows = (len(self) - start - 1) // seq_len
         for first in range(0, n_windows, batch_size):
             count = min(batch_size, n_windows - first)

@@ -139,6 +139,11 @@ def build_from_preset(name: str, overrides: dict[str, Any], tokenizer) -> Pretra
     width, mlp_width = sizes.get("n_embd"), sizes.get("n_inner")
     if width in overrides and mlp_width not in overrides:
         overrides[mlp_width] = 4 * overrides[width]
+    lacking = [k.removesuffix("_token_id") for k in PRESET_TOKEN_IDS[family] if getattr(tokenizer, k) is None]
+    if lacking:
+        raise DistilleryError(f"The {name} preset needs special tokens this tokenizer lacks ({', '.join(lacking)}); "
+                              "train a tokenizer of its family's style (distillery tokenizer train --style) and "
+                              "prepare the data with it.")
     if family == "roberta" and "max_position_embeddings" in overrides:
         overrides["max_position_embeddings"] += tokenizer.pad_token_id + 1
     specials = {"vocab_size": tokenizer.vocab_size, **{k: getattr(tokenizer, k) for k in PRESET_TOKEN_IDS[family]}}
@@ -253,9 +258,11 @@ def open_data(config: RunConfig, tokenizer):
     """(train, validation) TokenDatasets, refusing data prepared with another tokenizer."""
     from distillery.distill.data import TokenDataset, check_tokenizer
 
-    train = TokenDataset(config.data, "train")
+    train, val = TokenDataset(config.data, "train"), TokenDataset(config.data, "val")
     check_tokenizer(train.meta, tokenizer)
-    return train, TokenDataset(config.data, "val")
+    for split in (train, val):  # before the first step, not when the first evaluation comes
+        split.check_fits(config.seq_len)
+    return train, val
 
 
 def masking_weights(config: RunConfig, tokenizer) -> torch.Tensor:
