@@ -163,6 +163,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
+def _note_lowered(flag: str, asked: int, positions: int) -> None:
+    """Say once that a length is lowered to the model's positions (the fine-tuning code lowers it)."""
+    if asked > positions:
+        print(f"note: {flag} {asked} is lowered to the model's {positions} positions", file=sys.stderr)
+
+
 def _finish(args: argparse.Namespace, result: dict[str, Any], lines: list[str]) -> int:
     if args.save:
         from distillery.cli import json_safe
@@ -323,6 +329,7 @@ def glue_command(args: argparse.Namespace) -> int:
     splits = glue.read_task(task, args.data)
     model = glue.load_classifier(args.model, task, args.device)
     tokenizer = load_tokenizer(args.model)
+    _note_lowered("--max-length", args.max_length, model.config.max_tokens)
     settings = glue.FinetuneSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
                                      weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
                                      max_length=args.max_length, seed=args.seed,
@@ -393,6 +400,7 @@ def finetune_command(args: argparse.Namespace) -> int:
     eval_text = read_text(args.eval) if args.eval else None
     model = load_model(args.model, device=args.device)
     tokenizer = load_tokenizer(args.model)
+    _note_lowered("--block-size", args.block_size, model.config.n_positions)
     if eval_text is not None and len(tokenizer.encode(eval_text)) < 2:
         raise DistilleryError(f"--eval {args.eval} holds fewer than 2 tokens, too few for a perplexity; pass a "
                               "longer text.")
