@@ -13,7 +13,8 @@ from distillery.models.common import DistilleryError
 def register(subparsers) -> None:
     p = add_command(subparsers, "prepare", prepare_command)
     p.add_argument("inputs", nargs="+", metavar="INPUT", type=cli_types.path_or_name,
-                   help="text files, folders (searched recursively) or .jsonl files")
+                   help="text files, folders (searched recursively), .jsonl, .parquet or .arrow files, or "
+                        "folders saved by Hugging Face datasets (save_to_disk)")
     p.add_argument("--tokenizer", metavar="TOK",
                    help="a model folder or tokenizer folder (tokenizer.json or vocab.json + merges.txt); "
                         "needed unless --sentences")
@@ -22,7 +23,7 @@ def register(subparsers) -> None:
     p.add_argument("--include", action="append", metavar="GLOB",
                    help="file name patterns to take from folders (repeatable); default: every text file")
     p.add_argument("--text-field", default="text", type=cli_types.text,
-                   help="the field holding the text in .jsonl lines")
+                   help="the field (column) holding the text in .jsonl lines, parquet/arrow files and datasets")
     split = p.add_mutually_exclusive_group()
     split.add_argument("--val-fraction", type=cli_types.open_fraction, default=None,
                        help="fraction of documents held out for validation (default 0.0005, at least one)")
@@ -56,11 +57,14 @@ def register(subparsers) -> None:
 def prepare_command(args: argparse.Namespace) -> int:
     """Tokenize a corpus into memory-mapped token files for training and distillation.
 
-    Reads text files, folders (recursively) and .jsonl files one document at a time, tokenizes
-    them in batches on all cores, and writes DIR/train.bin and DIR/val.bin (documents separated
-    by the end-of-text token), DIR/meta.json, DIR/token_counts.npy and a copy of the tokenizer.
+    Reads text files, folders (recursively), .jsonl, .parquet and .arrow files and folders saved by
+    Hugging Face datasets one document at a time, tokenizes them in batches on all cores, and
+    writes DIR/train.bin and DIR/val.bin (documents separated by the end-of-text token),
+    DIR/meta.json, DIR/token_counts.npy and a copy of the tokenizer. Validation holds out whole
+    documents; a corpus of one document (one text file) holds out the tail of it.
     """
     from distillery.distill.data import DEFAULT_VAL_FRACTION, prepare_corpus
+    from distillery.distill.run_config import RunConfig
     from distillery.tokenizer import load_tokenizer
 
     if args.sentences:
@@ -80,11 +84,19 @@ def prepare_command(args: argparse.Namespace) -> int:
     counts = meta["counts"]
     print(f"prepared {counts['documents']:,} documents from {counts['files']:,} file(s) into {args.out}")
     print(f"  train: {counts['train_tokens']:,} tokens in {counts['train_documents']:,} documents")
-    print(f"  val:   {counts['val_tokens']:,} tokens in {counts['val_documents']:,} documents")
+    if meta["val_split"] == "tail":
+        print(f"  val:   {counts['val_tokens']:,} tokens, the end of the one document (a corpus of one document "
+              "holds out its tail)")
+    else:
+        print(f"  val:   {counts['val_tokens']:,} tokens in {counts['val_documents']:,} documents")
+    window = RunConfig.__dataclass_fields__["seq_len"].default + 1
+    if counts["val_tokens"] < window:
+        print(f"  note: the validation split holds fewer than {window:,} tokens, one window of the default "
+              "--seq-len; hold out more with --val-fraction or --val-docs, or train with a lower --seq-len")
     if counts["invalid_utf8_documents"]:
         print(f"  {counts['invalid_utf8_documents']:,} document(s) held invalid UTF-8, replaced by U+FFFD")
     if counts["skipped_records"]:
-        print(f"  {counts['skipped_records']:,} .jsonl line(s) without a {args.text_field!r} string were skipped")
+        print(f"  {counts['skipped_records']:,} record(s) without a {args.text_field!r} string were skipped")
     return 0
 
 

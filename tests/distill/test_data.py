@@ -224,3 +224,152 @@ def test_cli_prepare(corpus, tmp_path, capsys, shared_data):
     assert meta["counts"]["documents"] == 2 and meta["counts"]["invalid_utf8_documents"] == 1
     assert main(["prepare", str(tmp_path / "nope"), "--tokenizer", tok, "--out", str(tmp_path / "o2")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# Parquet, Arrow and folders saved by Hugging Face datasets (written here with pyarrow alone)
+
+try:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+except ImportError:  # the `data` extra
+    pa = pq = None
+needs_pyarrow = pytest.mark.skipif(pa is None, reason="pyarrow is not installed")
+
+
+def save_like_datasets(folder, texts: list, files: int = 2, **columns) -> None:
+    """The layout of datasets' Dataset.save_to_disk: Arrow stream files listed in state.json, beside
+    dataset_info.json (what datasets writes, without needing the package)."""
+    folder.mkdir(parents=True)
+    table = pa.table({"text": pa.array(texts, pa.string()), **columns})
+    step = -(-len(texts) // files)
+    names = [f"data-{i:05d}-of-{files:05d}.arrow" for i in range(files)]
+    for i, name in enumerate(names):
+        with pa.OSFile(str(folder / name), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table.slice(i * step, step), max_chunksize=2)  # several batches per file
+    state = {"_data_files": [{"filename": name} for name in names], "_fingerprint": "0", "_format_columns": None,
+             "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False, "_split": None}
+    (folder / "state.json").write_text(json.dumps(state))
+    info = {"citation": "", "description": "", "features": {"text": {"dtype": "string", "_type": "Value"}}}
+    (folder / "dataset_info.json").write_text(json.dumps(info))
+
+
+def all_documents(out, tokenizer) -> list[str]:
+    eos = tokenizer.eos_token_id
+    tokens = [np.fromfile(out / f"{split}.bin", dtype=np.uint16) for split in ("train", "val")]
+    return sorted(tokenizer.decode(d) for split in tokens for d in documents_of(split, eos))
+
+
+@needs_pyarrow
+def test_parquet_file_streams_its_text_column(tmp_path, small_tokenizer, monkeypatch):
+    texts = [f"record {i}\r\nline two" for i in range(10)] + [None]
+    table = pa.table({"id": list(range(11)), "body": texts})
+    pq.write_table(table, tmp_path / "corpus.parquet", row_group_size=3)
+    monkeypatch.setattr(data, "TABLE_BATCH_ROWS", 2)  # several batches, never the whole table
+    meta = prepare_corpus([tmp_path / "corpus.parquet"], small_tokenizer, tmp_path / "out", text_field="body",
+                          val_docs=2, progress=False)
+    counts = meta["counts"]
+    assert counts["documents"] == 10 and counts["val_documents"] == 2 and counts["skipped_records"] == 1
+    assert counts["bytes"] == (tmp_path / "corpus.parquet").stat().st_size
+    assert all_documents(tmp_path / "out", small_tokenizer) == sorted(t.replace("\r\n", "\n") for t in texts[:10])
+
+
+@needs_pyarrow
+def test_save_to_disk_folders_and_mixed_folders(tmp_path, small_tokenizer):
+    corpus = tmp_path / "corpus"
+    save_like_datasets(corpus / "wiki", ["wiki one", "wiki two", "", None, "wiki three"], label=[1, 2, 3, 4, 5])
+    # A DatasetDict: dataset_dict.json and one folder per split; only train is read.
+    (corpus / "dict").mkdir()
+    (corpus / "dict" / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    save_like_datasets(corpus / "dict" / "train", ["dict train"], files=1)
+    save_like_datasets(corpus / "dict" / "test", ["dict test, never read"], files=1)
+    pq.write_table(pa.table({"text": ["from parquet"]}), corpus / "table.parquet")
+    (corpus / "notes.txt").write_text("from text\n")
+    (corpus / "lines.jsonl").write_text(json.dumps({"text": "from jsonl"}) + "\n")
+
+    meta = prepare_corpus([corpus], small_tokenizer, tmp_path / "out", val_docs=1, progress=False)
+    assert meta["counts"]["files"] == 5  # dict, lines.jsonl, notes.txt, table.parquet, wiki
+    assert meta["counts"]["skipped_records"] == 1  # the null; the empty string is a document of no tokens
+    assert all_documents(tmp_path / "out", small_tokenizer) == sorted(
+        ["wiki one", "wiki two", "wiki three", "dict train", "from parquet", "from text\n", "from jsonl"])
+
+    # The folder itself, and --include picking a datasets folder by name.
+    meta = prepare_corpus([corpus / "wiki"], small_tokenizer, tmp_path / "wiki", val_docs=1, progress=False)
+    assert meta["counts"]["documents"] == 3
+    meta = prepare_corpus([corpus], small_tokenizer, tmp_path / "inc", include=["dict", "*.txt"], val_docs=1,
+                          progress=False)
+    assert all_documents(tmp_path / "inc", small_tokenizer) == ["dict train", "from text\n"]
+
+
+@needs_pyarrow
+def test_tables_refuse_bad_input_in_one_sentence(tmp_path, small_tokenizer, monkeypatch, capsys, shared_data):
+    def prepare(inputs, **kwargs):
+        return prepare_corpus(inputs, small_tokenizer, tmp_path / "out", progress=False, **kwargs)
+
+    pq.write_table(pa.table({"title": ["a"], "body": ["b"]}), tmp_path / "fields.parquet")
+    with pytest.raises(DistilleryError, match=r"has no column 'text' \(it has title, body\); pass --text-field"):
+        prepare([tmp_path / "fields.parquet"])
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "numbers.parquet")
+    with pytest.raises(DistilleryError, match="holds int64, not text"):
+        prepare([tmp_path / "numbers.parquet"])
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DistilleryError, match="not a readable parquet file"):
+        prepare([tmp_path / "broken.parquet"])
+    (tmp_path / "dict").mkdir()
+    (tmp_path / "dict" / "dataset_dict.json").write_text(json.dumps({"splits": ["test"]}))
+    with pytest.raises(DistilleryError, match="has no train split"):
+        prepare([tmp_path / "dict"])
+    save_like_datasets(tmp_path / "saved", ["x", "y"])
+    (tmp_path / "saved" / "data-00001-of-00002.arrow").unlink()
+    with pytest.raises(DistilleryError, match="lacks data-00001-of-00002.arrow"):
+        prepare([tmp_path / "saved"])
+    monkeypatch.setitem(__import__("sys").modules, "pyarrow", None)
+    with pytest.raises(DistilleryError, match="pip install pyarrow"):
+        prepare([tmp_path / "fields.parquet"], text_field="body")
+    monkeypatch.undo()
+
+    code = main(["prepare", str(tmp_path / "fields.parquet"), "--tokenizer", str(shared_data / "tokenizers" / "gpt2"),
+                 "--out", str(tmp_path / "cli")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--text-field" in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_one_document_holds_out_its_tail_at_a_line(shared_data, gpt2_tokenizer, tmp_path):
+    source = shared_data / "text" / "tinyshakespeare" / "input.txt"
+    meta = prepare_corpus([source], gpt2_tokenizer, tmp_path / "out", progress=False)
+    counts = meta["counts"]
+    assert meta["val_split"] == "tail" and meta["val_tail_of"] == "input.txt"
+    assert counts["documents"] == counts["train_documents"] == 1
+    train = np.fromfile(tmp_path / "out" / "train.bin", dtype=np.uint16)
+    val = np.fromfile(tmp_path / "out" / "val.bin", dtype=np.uint16)
+    assert len(train) == counts["train_tokens"] and len(val) == counts["val_tokens"]
+    assert train[-1] == val[-1] == EOS
+    whole = gpt2_tokenizer.encode(source.read_text(encoding="utf-8"))
+    assert train[:-1].tolist() + val[:-1].tolist() == whole  # the tail of the one tokenization
+    assert 0.01 * len(whole) <= len(val) - 1 < 0.01 * len(whole) + data.TAIL_LINE_SEARCH
+    assert gpt2_tokenizer.decode(train[:-1].tolist()).endswith("\n")  # validation starts a line
+    torch.testing.assert_close(np.load(tmp_path / "out" / "token_counts.npy"), np.bincount(train, minlength=50257))
+    TokenDataset(tmp_path / "out", "val").check_fits(1024)  # a window of GPT-2's length fits
+
+
+def test_tail_start_and_line_cut():
+    assert data.tail_start(1_000_000, 0.0005) == 1_000_000 - 10_000  # 1%
+    assert data.tail_start(1_000_000, 0.1) == 900_000
+    assert data.tail_start(100_000, 0.0005) == 100_000 - data.TAIL_MIN_TOKENS
+    assert data.tail_start(10, 0.0005) == 5  # at most half
+    ids = np.array([1, 9, 1, 1, 9, 1, 1, 1])  # 9 ends a line
+    assert data.line_cut(ids, 4, lambda t: t == 9) == 2  # back to the last line end
+    assert data.line_cut(ids, 1, lambda t: t == 9) == 2  # none before: the next one
+    assert data.line_cut(ids, 6, lambda t: t == 9) == 5
+    assert data.line_cut(ids, 3, lambda t: False) == 3
+
+
+def test_one_document_too_short_or_val_docs(tmp_path, small_tokenizer):
+    (tmp_path / "one.txt").write_text("document")
+    with pytest.raises(DistilleryError, match="too short to hold out"):
+        prepare_corpus([tmp_path / "one.txt"], small_tokenizer, tmp_path / "out", progress=False)
+    with pytest.raises(DistilleryError, match="drop --val-docs to hold out the tail"):
+        prepare_corpus([tmp_path / "one.txt"], small_tokenizer, tmp_path / "out", val_docs=1, progress=False)
+    meta = prepare_corpus([tmp_path / "one.txt"], small_tokenizer, tmp_path / "out", val_fraction=0.0,
+                          progress=False)
+    assert meta["val_split"] == "documents" and meta["counts"]["val_tokens"] == 0
