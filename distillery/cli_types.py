@@ -112,6 +112,8 @@ finite_float = float_range()
 finite_float.__doc__ = "Any finite number."
 probability = float_range(0.0, 1.0)
 probability.__doc__ = "A number from 0 to 1, both included (top-p, warm-up ratio)."
+learning_rate = float_range(0.0, 1.0, low_open=True)
+learning_rate.__doc__ = "An AdamW learning rate: above 0, at most 1 (larger ones only make the weights NaN)."
 open_fraction = float_range(0.0, 1.0, low_open=True, high_open=True)
 open_fraction.__doc__ = "A number strictly between 0 and 1 (a share that must leave something on each side)."
 

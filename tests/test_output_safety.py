@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import save_tiny_gpt2
 
 from distillery.cli import json_safe, main
@@ -266,11 +267,21 @@ def test_save_and_card_never_replace_a_file_that_is_not_theirs(inputs, capsys):
     assert snapshot(inputs["file"].parent) == before
 
 
-def test_nonfinite_loss_stops_finetuning(inputs, tmp_path, capsys):
+def test_nonfinite_loss_stops_finetuning(inputs, tmp_path, capsys, monkeypatch):
+    from distillery.evaluate import finetune
+
+    real = finetune.F.cross_entropy
+    monkeypatch.setattr(finetune.F, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
     code, _, err = run(capsys, "finetune", inputs["gpt2"], "--train", inputs["text"], "--out", tmp_path / "ft",
-                       "--max-steps", 5, "--block-size", 8, "--lr", "1e30")
-    assert_refused(code, err, "The training loss became", "lower --lr")
+                       "--max-steps", 5, "--block-size", 8)
+    assert_refused(code, err, "The training loss became nan at step 1", "lower --lr")
     assert not (tmp_path / "ft").exists()
+
+
+def test_learning_rates_above_one_are_refused(inputs, tmp_path, capsys):
+    for command in (["train"], ["finetune", inputs["gpt2"], "--train", inputs["text"], "--out", tmp_path / "o"]):
+        code, _, err = run(capsys, *command, "--lr", "1e6")
+        assert_refused(code, err, "--lr", "from 0 to 1")
 
 
 def test_train_resume_without_a_run(inputs, tmp_path, capsys):
@@ -278,13 +289,24 @@ def test_train_resume_without_a_run(inputs, tmp_path, capsys):
     assert_refused(code, err, "no run to resume")
 
 
-def test_diverging_training_stops_before_saving_broken_weights(inputs, tmp_path, capsys):
+def test_diverging_training_stops_before_saving_broken_weights(inputs, tmp_path, capsys, monkeypatch):
+    from distillery.distill import trainer
+
+    real = trainer.batch_loss
+
+    def diverging(*args, **kwargs):  # finite for two steps, then NaN
+        loss, terms = real(*args, **kwargs)
+        diverging.calls += 1
+        return (loss * float("nan") if diverging.calls > 2 else loss), terms
+
+    diverging.calls = 0
+    monkeypatch.setattr(trainer, "batch_loss", diverging)
     out = tmp_path / "run"
     code, _, err = run(capsys, "train", "--model", inputs["gpt2"], "--data", inputs["data"], "--out", out,
-                       "--max-steps", 3, "--batch-size", 2, "--seq-len", 8, "--warmup-steps", 0, "--eval-every", 3,
-                       "--save-every", 3, "--no-plot", "--device", "cpu", "--lr", "1e14")
-    assert_refused(code, err, "lower --lr")
-    assert not (out / "model").exists() and not (out / "checkpoint.pt").exists()
+                       "--max-steps", 4, "--batch-size", 2, "--seq-len", 8, "--warmup-steps", 0, "--eval-every", 2,
+                       "--save-every", 2, "--no-plot", "--device", "cpu")
+    assert_refused(code, err, "The training loss became nan at step 3", "keeps the last good step", "lower --lr")
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2 and not (out / "model").exists()
 
 
 def test_layer_map_without_mapped_cosine_is_refused(inputs, tmp_path, capsys):

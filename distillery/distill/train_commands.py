@@ -88,10 +88,11 @@ def _setting_types() -> dict[str, Any]:
     below_one = t.float_range(0.0, 1.0, high_open=True)
     counts = ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "save_every",
               "log_every", "relation_heads", "loss_chunk_size")
-    weights = ("alpha_ce", "alpha_lm", "alpha_cos", "alpha_mse", "alpha_emb", "alpha_attn", "weight_decay",
-               "grad_clip", "mlm_smoothing")
+    weights = ("alpha_ce", "alpha_lm", "alpha_cos", "alpha_mse", "alpha_emb", "alpha_attn", "grad_clip",
+               "mlm_smoothing")
     return {**dict.fromkeys(counts, t.positive_int), **dict.fromkeys(weights, t.non_negative_float),
-            "seed": t.seed, "warmup_steps": t.non_negative_int, "lr": t.positive_float, "adam_eps": t.positive_float,
+            "seed": t.seed, "warmup_steps": t.non_negative_int, "lr": t.learning_rate, "adam_eps": t.positive_float,
+            "weight_decay": t.probability,
             "temperature": t.positive_float, "min_lr_ratio": t.probability, "beta": t.probability,
             "adam_beta1": below_one, "adam_beta2": below_one, "mlm_prob": t.open_fraction,
             "device": t.device_or_auto, "data": t.existing_folder, "out": t.output_folder,

@@ -147,10 +147,10 @@ def _add_finetune_flags(p: argparse.ArgumentParser, epochs: int, batch_size: int
     """The optimisation flags every fine-tuning command shares, with its own defaults."""
     p.add_argument("--epochs", type=cli_types.positive_int, default=epochs, help="passes over the training data")
     p.add_argument("--batch-size", type=cli_types.positive_int, default=batch_size, help="examples per step")
-    p.add_argument("--lr", type=cli_types.positive_float, default=lr, help="peak learning rate")
+    p.add_argument("--lr", type=cli_types.learning_rate, default=lr, help="peak learning rate")
     p.add_argument("--warmup-ratio", type=cli_types.probability, default=warmup_ratio,
                    help="share of steps spent warming up")
-    p.add_argument("--weight-decay", type=cli_types.non_negative_float, default=weight_decay,
+    p.add_argument("--weight-decay", type=cli_types.probability, default=weight_decay,
                    help="AdamW weight decay")
     p.add_argument("--seed", type=cli_types.seed, default=42, help="random seed")
 
