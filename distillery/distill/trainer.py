@@ -25,6 +25,8 @@ import json
 import math
 import os
 import random
+import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -255,14 +257,62 @@ def compile_student(student: nn.Module, device: torch.device) -> nn.Module:
 
 
 def open_data(config: RunConfig, tokenizer):
-    """(train, validation) TokenDatasets, refusing data prepared with another tokenizer."""
+    """(train, validation) TokenDatasets, refusing data prepared with another tokenizer.
+    Whether a window fits in each is `check_windows`'s to say, once seq_len is settled."""
     from distillery.distill.data import TokenDataset, check_tokenizer
 
     train, val = TokenDataset(config.data, "train"), TokenDataset(config.data, "val")
     check_tokenizer(train.meta, tokenizer)
-    for split in (train, val):  # before the first step, not when the first evaluation comes
-        split.check_fits(config.seq_len)
     return train, val
+
+
+def check_windows(train, val, seq_len: int) -> None:
+    """Both splits hold a window of seq_len + 1 tokens: refused before the first step, not when
+    the first evaluation comes (a validation split too small once failed after the last step)."""
+    for split in (train, val):
+        split.check_fits(seq_len)
+
+
+def default_seq_len_fitted(config: RunConfig, positions: int, say: bool) -> RunConfig:
+    """`config` with seq_len lowered to the model's positions when it is the default and longer
+    (saying so when `say`); a longer seq_len the user asked for is left for the caller to refuse."""
+    default = RunConfig.__dataclass_fields__["seq_len"].default
+    if config.seq_len != default or config.seq_len <= positions:
+        return config
+    if say:
+        print(f"note: --seq-len is lowered from its default {default} to the model's {positions} positions",
+              file=sys.stderr)
+    return config.replace(seq_len=positions)
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse a run folder that cannot be written, before any work: a file is made and removed in
+    it, or in the nearest existing folder above it (which the run will create it in)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DistilleryError(f"--out {folder} lies under the file {existing}; choose another --out.")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise DistilleryError(f"--out {folder} cannot be written ({e.strerror or e} in {existing}); choose another "
+                              "--out or fix the folder's permissions.") from e
+
+
+def plotting_available(wanted: bool) -> bool:
+    """Whether loss.png can be drawn: asked for and matplotlib importable (a plain install of the
+    package lacks it: one line says so, and the run goes on without the plot)."""
+    if not wanted:
+        return False
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("note: matplotlib is not installed, so no loss.png is drawn (pip install matplotlib, or --no-plot).",
+              file=sys.stderr)
+        return False
+    return True
 
 
 def masking_weights(config: RunConfig, tokenizer) -> torch.Tensor:
@@ -672,7 +722,13 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict[
     try:
         tracker = EnergyTracker(region=config.carbon_region)
         with tracker:
-            summary = _run(config, procs, out, resume, progress)
+            try:
+                summary = _run(config, procs, out, resume, progress)
+            except (KeyboardInterrupt, Exception) as e:
+                if procs.is_main and not isinstance(e, DistilleryError) and (out / CHECKPOINT_NAME).is_file():
+                    print(f"{out / CHECKPOINT_NAME} keeps the last checkpoint; rerun with --resume to continue "
+                          "from it.", file=sys.stderr)
+                raise
         if procs.is_main:
             summary["energy"] = add_energy(tracker.result(), out / ENERGY_NAME, resume)
             write_json(out / "summary.json", summary)
@@ -690,6 +746,8 @@ def _run(config: RunConfig, procs: Processes, out: Path, resume: bool, progress:
         raise DistilleryError("No data given; pass --data DIR (a folder written by `distillery prepare`).")
     if not config.out:
         raise DistilleryError("No run folder given; pass --out DIR.")
+    if procs.is_main:
+        check_writable(out)
     if config.objective == "embedding":
         from distillery.distill.embedding import run_embedding
 
@@ -719,6 +777,8 @@ def _run(config: RunConfig, procs: Processes, out: Path, resume: bool, progress:
         raise DistilleryError("A masked LM needs a tokenizer with a mask token; use a RoBERTa- or BERT-style "
                               "tokenizer.")
     max_len = student.config.n_positions if causal else student.config.max_tokens
+    config = default_seq_len_fitted(config, max_len, say=procs.is_main)
+    check_windows(train_data, val_data, config.seq_len)
     if config.seq_len > max_len:
         raise DistilleryError(f"--seq-len {config.seq_len} exceeds the model's {max_len} positions; lower it.")
     mask_weights = None if causal else masking_weights(config, tokenizer)
@@ -752,14 +812,6 @@ def _run(config: RunConfig, procs: Processes, out: Path, resume: bool, progress:
     elif checkpoint_path.exists():
         raise DistilleryError(f"{out} already holds a run; pass --resume to continue it or choose another --out.")
 
-    log = None
-    if procs.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(f".{CHECKPOINT_NAME}.*.tmp"):  # left by a process killed mid-write
-            stale.unlink()
-        config.save_yaml(out / CONFIG_NAME)
-        log = MetricsLog(out / METRICS_NAME, step if resume else None)
-
     weights = term_weights(config)
     rows_per_rank = config.batch_size // procs.world_size
     if rows_per_rank * procs.world_size != config.batch_size or rows_per_rank % config.grad_accum:
@@ -768,6 +820,16 @@ def _run(config: RunConfig, procs: Processes, out: Path, resume: bool, progress:
             f"grad_accum ({config.grad_accum}) micro-batches; change --batch-size."
         )
     micro = rows_per_rank // config.grad_accum
+    plot = plotting_available(config.plot and procs.is_main)
+
+    # Every check is made: from here on the run folder is written.
+    log = None
+    if procs.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(f".{CHECKPOINT_NAME}.*.tmp"):  # left by a process killed mid-write
+            stale.unlink()
+        config.save_yaml(out / CONFIG_NAME)
+        log = MetricsLog(out / METRICS_NAME, step if resume else None)
     tokens_per_step = config.batch_size * config.seq_len
     bar = _progress_bar(config.max_steps, step, progress and procs.is_main)
     last_eval: float | None = None
@@ -835,7 +897,8 @@ def _run(config: RunConfig, procs: Processes, out: Path, resume: bool, progress:
                       "tokens_per_s": tokens_per_s, "elapsed_s": elapsed}
             log.write(record)
             running = {}
-        if procs.is_main and (step % config.eval_every == 0 or step == config.max_steps):
+        # The last step's evaluation comes after the final model is saved (below).
+        if procs.is_main and step % config.eval_every == 0 and step < config.max_steps:
             last_eval = evaluate_loss(student, val_data, config, causal, tokenizer, mask_weights)
             log.write({"step": step, "val_loss": last_eval, "val_ppl": math.exp(min(last_eval, 50))})
         if step % config.save_every == 0 or step == config.max_steps:
@@ -854,24 +917,30 @@ def _run(config: RunConfig, procs: Processes, out: Path, resume: bool, progress:
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "rng": rng,
                 })
-                if config.plot:
+                if plot:
                     log.plot(out / PLOT_NAME)
     if bar is not None:
         bar.close()
 
     summary: dict[str, Any] = {"run": str(out), "kind": config.kind, "steps": step, "tokens": tokens_seen,
-                               "parameters": student.num_parameters()}
+                               "parameters": student.num_parameters(), "seq_len": config.seq_len}
     if procs.is_main:
+        # The model and the training numbers are written before the final evaluation, so that an
+        # error in it loses nothing (and --resume evaluates again).
         final = out / FINAL_MODEL_DIR
         student.save_pretrained(final)
         tokenizer.save_pretrained(final)
         train_records = [r for r in log.records if "loss" in r]
         if train_records:
             summary["train_loss"] = train_records[-1]["loss"]
-        if last_eval is None:
-            last_eval = evaluate_loss(student, val_data, config, causal, tokenizer, mask_weights)
-        summary.update(val_loss=last_eval, val_ppl=math.exp(min(last_eval, 50)), model=str(final),
-                       metrics=str(out / METRICS_NAME), checkpoint=str(checkpoint_path))
+        summary.update(model=str(final), metrics=str(out / METRICS_NAME), checkpoint=str(checkpoint_path))
+        write_json(out / "summary.json", summary)
+        last_eval = evaluate_loss(student, val_data, config, causal, tokenizer, mask_weights)
+        if not any(r["step"] == step and "val_loss" in r for r in log.records):  # a finished run resumed
+            log.write({"step": step, "val_loss": last_eval, "val_ppl": math.exp(min(last_eval, 50))})
+        if plot:
+            log.plot(out / PLOT_NAME)
+        summary.update(val_loss=last_eval, val_ppl=math.exp(min(last_eval, 50)))
     return summary
 
 
