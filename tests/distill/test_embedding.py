@@ -121,12 +121,25 @@ def test_distillation_brings_the_student_closer_and_saves_a_sentence_encoder(pai
     assert after < before
 
 
-def test_resume_continues_exactly(pair, tmp_path):
+def test_resume_after_a_crash_equals_an_uninterrupted_run(pair, tmp_path, monkeypatch):
+    from distillery.distill import embedding
+
     assert main(distill_args(pair, tmp_path / "straight", 4)) == 0
-    assert main(distill_args(pair, tmp_path / "halves", 2)) == 0
-    assert main(distill_args(pair, tmp_path / "halves", 4, "--resume")) == 0
+    real_draw, calls = embedding.draw, []
+
+    def crash_at_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return real_draw(*args, **kwargs)
+
+    monkeypatch.setattr(embedding, "draw", crash_at_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(distill_args(pair, tmp_path / "crashed", 4))
+    monkeypatch.setattr(embedding, "draw", real_draw)
+    assert main(distill_args(pair, tmp_path / "crashed", 4, "--resume")) == 0
     a = load_sentence_encoder(tmp_path / "straight" / "model").model.state_dict()
-    b = load_sentence_encoder(tmp_path / "halves" / "model").model.state_dict()
+    b = load_sentence_encoder(tmp_path / "crashed" / "model").model.state_dict()
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
 
