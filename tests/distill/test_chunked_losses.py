@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import save_tiny_bert
 from tiny_run import make_data, make_gpt2, make_roberta, make_student
 from torch import nn
 
@@ -207,6 +208,17 @@ def roberta_setup(tmp_path_factory):
     return {"root": root, "data": data, "teacher": teacher, "student": make_student(teacher, root / "student")}
 
 
+@pytest.fixture(scope="module")
+def distilbert_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distilbert")
+    data = make_data(root, style="bert")
+    tokenizer = load_tokenizer(root / "tokenizer")
+    teacher = save_tiny_bert(root / "teacher", "DistilBertForMaskedLM", vocab_size=tokenizer.vocab_size,
+                             pad_token_id=tokenizer.pad_token_id, dropout=0.0, attention_dropout=0.0)
+    tokenizer.save_pretrained(teacher)
+    return {"root": root, "data": data, "teacher": teacher, "student": make_student(teacher, root / "student")}
+
+
 def loss_and_grads(setup, causal: bool, config: RunConfig, batch: Batch):
     teacher, student = load_lm(str(setup["teacher"])).eval(), load_lm(str(setup["student"])).train()
     scales = {"lm": 0.7, "kd": 1.3, "cos": 0.4, "mse": 0.2}
@@ -217,9 +229,9 @@ def loss_and_grads(setup, causal: bool, config: RunConfig, batch: Batch):
 
 @pytest.mark.parametrize("kind, kd_masked_only, kd_loss", [
     ("gpt2", False, "forward_kl"), ("gpt2", False, "gjsd"), ("roberta", False, "reverse_kl"),
-    ("roberta", True, "forward_kl")])
-def test_batch_loss_chunked_equals_plain(kind, kd_masked_only, kd_loss, gpt2_setup, roberta_setup):
-    setup = gpt2_setup if kind == "gpt2" else roberta_setup
+    ("roberta", True, "forward_kl"), ("distilbert", False, "forward_kl")])
+def test_batch_loss_chunked_equals_plain(kind, kd_masked_only, kd_loss, request):
+    setup = request.getfixturevalue(f"{kind}_setup")
     causal = kind == "gpt2"
     config = RunConfig(alpha_mse=0.2, kd_loss=kd_loss, kd_masked_only=kd_masked_only, loss_chunk_size=7,
                        temperature=2.5, seq_len=16)
