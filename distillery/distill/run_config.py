@@ -142,6 +142,8 @@ class RunConfig:
             if isinstance(self.relation_heads, bool) or not isinstance(self.relation_heads, int) \
                     or self.relation_heads <= 0:
                 raise DistilleryError(f"Setting relation_heads must be a positive integer, got {self.relation_heads!r}.")
+        elif self.eval_sts:
+            raise DistilleryError("eval_sts (--eval-sts) scores sentence embeddings; it goes with --objective embedding.")
         elif self.kind == "distill" and self.alpha_ce + self.alpha_lm + self.alpha_cos + self.alpha_mse == 0:
             raise DistilleryError("All loss weights (alpha_ce, alpha_lm, alpha_cos, alpha_mse) are 0; set one.")
 

@@ -37,7 +37,7 @@ def register(subparsers) -> None:
     p.add_argument("--draft-k", type=cli_types.positive_int, default=4, help="tokens drafted per round with --draft")
     p.add_argument("--draft-dtype", choices=["float32", "bfloat16", "float16", "int8"],
                    help="weights of the --draft model (default: --dtype)")
-    p.add_argument("--api-key", default=None,
+    p.add_argument("--api-key", default=None, type=cli_types.non_empty,
                    help=f"require `Authorization: Bearer KEY` on every route but /health (default: the "
                         f"{API_KEY_VARIABLE} environment variable, else no key)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN", type=_origin,
