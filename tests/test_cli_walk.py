@@ -53,6 +53,7 @@ BASELINES: dict[str, list[str]] = {
     "tokenizer train": ["{text}", "--vocab-size", "300", "--out", "{out}"],
     "prepare": ["{text}", "--tokenizer", "{gpt2}", "--out", "{out}"],
     "student": ["{gpt2}", "--out", "{out}"],
+    "teacher-cache": ["{gpt2}", "--data", "{data}", "--out", "{out}", "--top-k", "4", "--seq-len", "8", "--windows", "2"],
     "train": ["--model", "{gpt2}", "--data", "{data}", "--out", "{out}", *TINY_RUN],
     "distill": ["--teacher", "{gpt2}", "--student", "{student}", "--data", "{data}", "--out", "{out}", *TINY_RUN],
     "demo": ["--out", "{out}", "--teacher-steps", "1", "--student-steps", "1"],

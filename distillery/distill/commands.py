@@ -45,6 +45,8 @@ def register(subparsers) -> None:
                            help="keep at most this many training sentences (default: all)")
     p.add_argument("--json", action="store_true", help="print the metadata as JSON")
 
+    _register_teacher_cache(subparsers)
+
     p = add_command(subparsers, "student", student_command)
     p.add_argument("teacher", metavar="TEACHER", help="teacher model folder or hub id")
     p.add_argument("--layers", default=None, metavar="I,J,...",
@@ -52,6 +54,58 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, type=cli_types.output_folder, metavar="DIR", help="folder for the student")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def _register_teacher_cache(subparsers) -> None:
+    from distillery.distill.teacher_cache import DEFAULT_SHARD_WINDOWS, LOGPROB_DTYPES
+
+    p = add_command(subparsers, "teacher-cache", teacher_cache_command)
+    p.add_argument("teacher", metavar="TEACHER", type=cli_types.path_or_name, help="causal LM teacher folder or hub id")
+    p.add_argument("--data", required=True, type=cli_types.existing_folder, metavar="DIR",
+                   help="folder written by `distillery prepare` (its train split is cached)")
+    p.add_argument("--out", required=True, type=cli_types.output_folder, metavar="CACHE", help="folder for the cache")
+    p.add_argument("--top-k", type=cli_types.positive_int, default=64,
+                   help="token ids (and log-probabilities) kept per position (default: 64)")
+    p.add_argument("--seq-len", type=cli_types.positive_int,
+                   help="tokens per window; distill must use the same (default: 256, or the teacher's positions)")
+    p.add_argument("--hidden", action="store_true",
+                   help="also keep the last hidden states, for the cosine loss (2 x width bytes per token)")
+    p.add_argument("--logprob-dtype", choices=LOGPROB_DTYPES, default="float16",
+                   help="how the log-probabilities are stored (default: float16)")
+    p.add_argument("--windows", type=cli_types.positive_int, help="cache only the first N windows (default: all)")
+    p.add_argument("--batch-size", type=cli_types.positive_int, default=8,
+                   help="windows per teacher forward (default: 8)")
+    p.add_argument("--shard-windows", type=cli_types.positive_int, default=DEFAULT_SHARD_WINDOWS,
+                   help=f"windows per shard file (default: {DEFAULT_SHARD_WINDOWS})")
+    p.add_argument("--device", type=cli_types.device_or_auto, default="auto", help="auto, cpu, cuda, ... (default: auto)")
+    p.add_argument("--overwrite", action="store_true", help="replace a cache of other settings in --out")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def teacher_cache_command(args: argparse.Namespace) -> int:
+    """Run a causal LM teacher once over prepared data and store its top-k next-token log-probabilities.
+
+    Writes CACHE/meta.json and memory-mapped shards holding, per position of every training window,
+    the --top-k most likely ids, their log-probabilities and the log of the mass left outside them
+    (and with --hidden the last hidden states). A rerun with the same settings resumes an interrupted
+    build. `distillery distill --teacher-cache CACHE --student S ...` then trains without the
+    teacher. Launch with `torchrun --nproc_per_node N -m distillery.cli teacher-cache ...` to
+    split the shards over processes.
+    """
+    from distillery.distill.teacher_cache import build_cache
+
+    summary = build_cache(args.teacher, args.data, args.out, args.top_k, seq_len=args.seq_len, hidden=args.hidden,
+                          logprob_dtype=args.logprob_dtype, windows=args.windows, batch_size=args.batch_size,
+                          shard_windows=args.shard_windows, device=args.device, overwrite=args.overwrite)
+    if not summary.pop("is_main"):
+        return 0
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"{summary['windows']:,} windows ({summary['tokens']:,} tokens) in {summary['shards']} shards, "
+              f"{summary['bytes_per_token']} bytes per token ({summary['bytes'] / 1e6:,.1f} MB); cache in "
+              f"{summary['cache']}")
+    return 0
 
 
 def prepare_command(args: argparse.Namespace) -> int:

@@ -81,6 +81,9 @@ class RunConfig:
     layer_map: list[int] | None = None  # teacher layer of each student layer; default: the student recipe's
     kd_masked_only: bool = False  # masked LM: soft targets only at masked positions
     teacher_dtype: str = "fp32"  # the frozen teacher's forward: fp32, int8 (CPU) or bf16
+    # A folder made by `distillery teacher-cache`: the teacher's stored top-k instead of the teacher
+    # (sparse KD loss, windows drawn from the cache's enumeration; see distill/teacher_cache.py).
+    teacher_cache: str | None = None
     # "embedding": sentence encoders, pooled embeddings matched by MSE (distill/embedding.py); the
     # data is a folder of sentences (`prepare --sentences`), alpha_cos weighs the last hidden states.
     objective: str = "lm"
@@ -142,10 +145,27 @@ class RunConfig:
             if isinstance(self.relation_heads, bool) or not isinstance(self.relation_heads, int) \
                     or self.relation_heads <= 0:
                 raise DistilleryError(f"Setting relation_heads must be a positive integer, got {self.relation_heads!r}.")
+        if self.teacher_cache:
+            self._check_teacher_cache()
         elif self.eval_sts:
             raise DistilleryError("eval_sts (--eval-sts) scores sentence embeddings; it goes with --objective embedding.")
         elif self.kind == "distill" and self.alpha_ce + self.alpha_lm + self.alpha_cos + self.alpha_mse == 0:
             raise DistilleryError("All loss weights (alpha_ce, alpha_lm, alpha_cos, alpha_mse) are 0; set one.")
+
+    def _check_teacher_cache(self) -> None:
+        """What a run from stored top-k targets cannot do, refused before anything loads."""
+        if self.teacher:
+            raise DistilleryError("--teacher and --teacher-cache both name the teacher; pass one of them.")
+        if self.kind != "distill" or self.objective != "lm":
+            raise DistilleryError("--teacher-cache is for language-model distillation (`distillery distill`, "
+                                  "--objective lm).")
+        if self.kd_loss != "forward_kl" or self.alpha_mse > 0:
+            raise DistilleryError("--teacher-cache holds the teacher's top-k log-probabilities, enough for "
+                                  "--kd-loss forward_kl only and not for the logits MSE; use those (--alpha-mse 0) "
+                                  "or distil online with --teacher.")
+        if self.alpha_cos > 0 and self.cos_layers != "last":
+            raise DistilleryError("--teacher-cache holds the teacher's last hidden states only; use --cos-layers "
+                                  "last or --alpha-cos 0.")
 
     # ------------------------------------------------------------------------------------------
     # Layers: defaults <- YAML <- flags

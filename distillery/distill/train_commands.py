@@ -68,6 +68,8 @@ DISTILL_SETTINGS = {
     "kd_masked_only": "masked LM: soft targets only at masked positions",
     "teacher_dtype": f"{', '.join(TEACHER_DTYPES)}: the frozen teacher's weights (int8: CPUs only; bf16: for GPUs, "
                      "slow on CPUs without bf16 units)",
+    "teacher_cache": "a folder made by `distillery teacher-cache`: distil from the teacher's stored top-k "
+                     "(no --teacher; batches drawn from the cached windows)",
     "objective": "lm (logits and hidden states of language models) or embedding (sentence encoders, "
                  "data from `prepare --sentences`)",
     "alpha_emb": "embedding: weight of the MSE between pooled sentence embeddings",
@@ -96,7 +98,7 @@ def _setting_types() -> dict[str, Any]:
             "temperature": t.positive_float, "min_lr_ratio": t.probability, "beta": t.probability,
             "adam_beta1": below_one, "adam_beta2": below_one, "mlm_prob": t.open_fraction,
             "device": t.device_or_auto, "data": t.existing_folder, "out": t.output_folder,
-            "eval_sts": t.existing_file, "tokenizer": t.non_empty, "carbon_region": t.non_empty}
+            "eval_sts": t.existing_file, "teacher_cache": t.existing_folder, "tokenizer": t.non_empty, "carbon_region": t.non_empty}
 
 
 def register(subparsers) -> None:

@@ -225,6 +225,27 @@ def resolve_layer_map(config: RunConfig, teacher: Pretrained, student: Pretraine
     return layers
 
 
+def open_teacher_cache(config: RunConfig, student: Pretrained, tokenizer, train_data, say: bool):
+    """(the cache, config) for a --teacher-cache run, refusing one that does not fit the run; the
+    default seq_len becomes the cache's (said once)."""
+    from distillery.distill.teacher_cache import TeacherCache
+
+    cache = TeacherCache(config.teacher_cache)
+    if student.family != "gpt2":
+        raise DistilleryError(f"--teacher-cache holds a causal LM's targets but the student is a {student.family} "
+                              "masked LM; distil it online with --teacher.")
+    if config.seq_len == RunConfig.__dataclass_fields__["seq_len"].default and config.seq_len != cache.seq_len:
+        if say:
+            print(f"note: --seq-len is the teacher cache's {cache.seq_len}", file=sys.stderr)
+        config = config.replace(seq_len=cache.seq_len)
+    cache.check_run(train_data.meta, tokenizer.fingerprint(), config.seq_len, student.config.vocab_size)
+    check_model_fits_tokenizer(student, tokenizer)
+    if config.alpha_cos > 0 and not cache.has_hidden:
+        raise DistilleryError(f"The teacher cache {cache.path} holds no hidden states for the cosine loss; pass "
+                              "--alpha-cos 0 or rebuild the cache with --hidden.")
+    return cache, config
+
+
 def prepare_teacher(teacher: Pretrained, dtype: str, device: torch.device) -> Pretrained:
     """The frozen teacher on `device`, its forward in `dtype`: fp32; int8 (CPU: FBGEMM's int8 linear
     layers, see generation/quantize.py); or bf16 (fast on GPUs, emulated and slow on most CPUs)."""
@@ -434,6 +455,10 @@ def batch_loss(model: nn.Module, teacher: nn.Module | None, batch: Batch, causal
     and the losses computed together over chunks of positions (`chunked_losses.py`), the teacher's
     head made per chunk too; otherwise from `loss_terms` on full logits. The same numbers either way.
     """
+    from distillery.distill.teacher_cache import CachedTargets
+
+    if isinstance(teacher, CachedTargets):  # --teacher-cache: stored top-k targets, no teacher model
+        return cached_batch_loss(model, teacher, batch, config, scales)
     if not config.chunked_loss:
         terms = loss_terms(model, teacher, batch, causal, config, layers)
         return sum(scales[k] * v for k, v in terms.items()), {k: v.detach() for k, v in terms.items()}
@@ -458,6 +483,23 @@ def batch_loss(model: nn.Module, teacher: nn.Module | None, batch: Batch, causal
         loss = loss + scales["cos"] * cos
         terms["cos"] = cos.detach()
     return loss, terms
+
+
+def cached_batch_loss(model: nn.Module, cached, batch: Batch, config: RunConfig,
+                      scales: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`batch_loss` against a teacher cache: hard LM loss, `sparse_kd_loss` over the stored top-k ids
+    and, if the cache holds them, the cosine to the teacher's last hidden states. The student's full
+    logits are made here (the fused chunked head knows only dense teacher logits)."""
+    from distillery.distill.teacher_cache import sparse_kd_loss
+
+    want_hidden = config.alpha_cos > 0
+    s = forward_lm(model, batch, True, want_hidden, None)
+    terms = {"lm": losses.causal_lm_loss(s.logits, batch.targets)}
+    if config.alpha_ce > 0:
+        terms["kd"] = sparse_kd_loss(s.logits, cached.ids, cached.logprobs, cached.tail, config.temperature)
+    if want_hidden:
+        terms["cos"] = losses.hidden_cosine_loss(s.hidden_states[-1], cached.hidden)
+    return sum(scales[k] * v for k, v in terms.items()), {k: v.detach() for k, v in terms.items()}
 
 
 def vocab_losses(model: nn.Module, head_input: torch.Tensor, targets: torch.Tensor, spec: VocabLosses,
@@ -759,8 +801,13 @@ def _run(config: RunConfig, procs: Processes, out: Path, resume: bool, progress:
 
     tokenizer = load_run_tokenizer(config)
     train_data, val_data = open_data(config, tokenizer)
-    teacher = None
-    if config.kind == "distill":
+    teacher, cache = None, None
+    if config.kind == "distill" and config.teacher_cache:
+        student = load_lm(config.student) if config.student else None
+        if student is None:
+            raise DistilleryError("Distillation needs --student (a model folder) beside --teacher-cache.")
+        cache, config = open_teacher_cache(config, student, tokenizer, train_data, say=procs.is_main)
+    elif config.kind == "distill":
         if not config.teacher or not config.student:
             raise DistilleryError("Distillation needs both --teacher and --student (model folders).")
         teacher, student = load_lm(config.teacher), load_lm(config.student)
@@ -839,7 +886,12 @@ def _run(config: RunConfig, procs: Processes, out: Path, resume: bool, progress:
 
     while step < config.max_steps:
         step_started = time.perf_counter()
-        windows = train_data.batch(config.batch_size, config.seq_len, generator)
+        if cache is None:
+            windows = train_data.batch(config.batch_size, config.seq_len, generator)
+        else:  # windows of the cache's enumeration, drawn by index; their teacher outputs are stored
+            indices = cache.draw(config.batch_size, generator)
+            windows = cache.windows(train_data.tokens, indices)
+            my_targets = cache.targets(indices[procs.rank * rows_per_rank:(procs.rank + 1) * rows_per_rank])
         global_batch = make_batch(windows, causal, config, tokenizer, mask_weights, generator)
         global_counts = global_batch.position_counts()
         mine = global_batch.rows(procs.rank * rows_per_rank, (procs.rank + 1) * rows_per_rank)
@@ -854,7 +906,9 @@ def _run(config: RunConfig, procs: Processes, out: Path, resume: bool, progress:
                 # Each term's share of the global mean: its positions here over all its positions.
                 shares = {name: counts[TERM_POSITIONS[name]] / max(1, global_counts[TERM_POSITIONS[name]])
                           for name in weights}
-                loss, terms = batch_loss(model, teacher, batch, causal, config, layers,
+                step_teacher = teacher if cache is None else my_targets.rows(k * micro, (k + 1) * micro).to(
+                    procs.device)
+                loss, terms = batch_loss(model, step_teacher, batch, causal, config, layers,
                                          {name: weights[name] * shares[name] for name in weights})
             # DDP averages gradients over processes; the global loss is their sum.
             scaler.scale(loss * procs.world_size).backward()
