@@ -43,7 +43,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+from distillery.distill.losses import IGNORE_INDEX
 from distillery.models.common import DistilleryError
 
 FORMAT = "distillery-teacher-cache"
@@ -85,20 +88,52 @@ def sparse_kd_loss(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teac
     student_logits (B, T, V) or (N, V); teacher_ids, teacher_logprobs (..., k); teacher_tail (...).
     """
     V = student_logits.size(-1)
-    s = student_logits.reshape(-1, V).float()
-    ids = teacher_ids.reshape(-1, teacher_ids.size(-1)).long()
-    l_t = teacher_logprobs.reshape(ids.shape).float()
-    tail_t = teacher_tail.reshape(-1, 1).float()
-    log_q_t = torch.log_softmax(torch.cat([l_t, tail_t], dim=-1) / temperature, dim=-1)
-    z = torch.log_softmax(s, dim=-1)
+    k = teacher_ids.size(-1)
+    per_row = sparse_kd_rows(student_logits.reshape(-1, V), teacher_ids.reshape(-1, k),
+                             teacher_logprobs.reshape(-1, k), teacher_tail.reshape(-1), temperature)
+    return temperature**2 * per_row.sum() / max(per_row.numel(), 1)
+
+
+def sparse_kd_rows(s: torch.Tensor, ids: torch.Tensor, l_t: torch.Tensor, tail_t: torch.Tensor,
+                   temperature: float) -> torch.Tensor:
+    """KL(q_t || q_s) per row (no T^2) of `sparse_kd_loss`, on flat (N, V) logits and (N, k), (N,) targets."""
+    ids = ids.long()
+    log_q_t = torch.log_softmax(torch.cat([l_t.float(), tail_t.float()[:, None]], dim=-1) / temperature, dim=-1)
+    z = torch.log_softmax(s.float(), dim=-1)
     # The student's mass outside the k ids, as a logsumexp of the rest (1 - sum loses digits when the
     # top k hold nearly everything); a finite floor (e^-10000 = 0) keeps the gradient finite at k = V.
     rest = z.scatter(-1, ids, -1e4)
     a_s = torch.cat([z.gather(-1, ids), torch.logsumexp(rest, dim=-1, keepdim=True)], dim=-1)
     log_q_s = torch.log_softmax(a_s / temperature, dim=-1)
     q_t = log_q_t.exp()
-    per_row = (q_t * (log_q_t - log_q_s)).masked_fill(q_t == 0, 0.0).sum(-1)
-    return temperature**2 * per_row.sum() / max(per_row.numel(), 1)
+    return (q_t * (log_q_t - log_q_s)).masked_fill(q_t == 0, 0.0).sum(-1)
+
+
+def chunked_cached_losses(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, cached: CachedTargets,
+                          temperature: float, chunk_size: int, kd: bool = True) -> dict[str, torch.Tensor]:
+    """{"lm": causal LM loss, "kd": sparse_kd_loss} from the student's vocabulary head, `chunk_size`
+    positions at a time. Each chunk's logits are made in the forward and again in the backward
+    (activation checkpointing), so no more than one chunk's (chunk x V) logits exist at once; the
+    values are those of the losses on full logits. hidden (B, T, C), targets (B, T)."""
+    from torch.utils.checkpoint import checkpoint
+
+    h, y = hidden.flatten(0, -2), targets.flatten()
+    k = cached.ids.size(-1)
+    ids, l_t, tail = cached.ids.reshape(-1, k), cached.logprobs.reshape(-1, k), cached.tail.reshape(-1)
+
+    def chunk_sums(h, y, ids, l_t, tail):
+        logits = head(h).float()
+        sums = [F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")]
+        if kd:
+            sums.append(temperature**2 * sparse_kd_rows(logits, ids, l_t, tail, temperature).sum())
+        return torch.stack(sums)
+
+    sums = sum(checkpoint(chunk_sums, *(x[i:i + chunk_size] for x in (h, y, ids, l_t, tail)), use_reentrant=False)
+               for i in range(0, h.size(0), chunk_size))
+    terms = {"lm": sums[0] / max(int(y.ne(IGNORE_INDEX).sum()), 1)}
+    if kd:
+        terms["kd"] = sums[1] / max(h.size(0), 1)
+    return terms
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,10 +369,11 @@ def start_folder(out: Path, meta: dict[str, Any], overwrite: bool) -> None:
             raise DistilleryError(f"--out {out} is not empty and holds no teacher cache; pass a new or empty folder.")
         same = old is not None and all(old.get(k) == meta[k] for k in IDENTITY)
         if not same and not overwrite:
-            differs = next((k for k in IDENTITY if old is not None and old.get(k) != meta[k]), "the settings")
-            raise DistilleryError(f"--out {out} holds a teacher cache made with other settings ({differs} differs); "
-                                  "rerun with its settings to resume it, pass --overwrite to replace it, or choose "
-                                  "another --out.")
+            differs = "its meta.json is missing" if old is None else \
+                f"{next(k for k in IDENTITY if old.get(k) != meta[k])} differs"
+            raise DistilleryError(f"--out {out} holds a teacher cache made with other settings ({differs}); rerun "
+                                  "with its settings to resume it, pass --overwrite to replace it, or choose another "
+                                  "--out.")
         if not same:
             for name in entries:
                 if name.startswith(("shard-", ".shard-")) or name == META_NAME:

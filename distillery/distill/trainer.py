@@ -488,15 +488,22 @@ def batch_loss(model: nn.Module, teacher: nn.Module | None, batch: Batch, causal
 def cached_batch_loss(model: nn.Module, cached, batch: Batch, config: RunConfig,
                       scales: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`batch_loss` against a teacher cache: hard LM loss, `sparse_kd_loss` over the stored top-k ids
-    and, if the cache holds them, the cosine to the teacher's last hidden states. The student's full
-    logits are made here (the fused chunked head knows only dense teacher logits)."""
-    from distillery.distill.teacher_cache import sparse_kd_loss
+    and, if the cache holds them, the cosine to the teacher's last hidden states. With
+    `config.chunked_loss` the head and both losses run over chunks of positions (recomputed in the
+    backward), otherwise on full logits; the same numbers either way."""
+    from distillery.distill.teacher_cache import chunked_cached_losses, sparse_kd_loss
 
     want_hidden = config.alpha_cos > 0
-    s = forward_lm(model, batch, True, want_hidden, None)
-    terms = {"lm": losses.causal_lm_loss(s.logits, batch.targets)}
-    if config.alpha_ce > 0:
-        terms["kd"] = sparse_kd_loss(s.logits, cached.ids, cached.logprobs, cached.tail, config.temperature)
+    s = forward_lm(model, batch, True, want_hidden, None, logits=not config.chunked_loss)
+    if config.chunked_loss:
+        student = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        student = getattr(student, "_orig_mod", student)  # under torch.compile
+        terms = chunked_cached_losses(student.get_submodule(student.vocabulary_head), s.head_input, batch.targets,
+                                      cached, config.temperature, config.loss_chunk_size, kd=config.alpha_ce > 0)
+    else:
+        terms = {"lm": losses.causal_lm_loss(s.logits, batch.targets)}
+        if config.alpha_ce > 0:
+            terms["kd"] = sparse_kd_loss(s.logits, cached.ids, cached.logprobs, cached.tail, config.temperature)
     if want_hidden:
         terms["cos"] = losses.hidden_cosine_loss(s.hidden_states[-1], cached.hidden)
     return sum(scales[k] * v for k, v in terms.items()), {k: v.detach() for k, v in terms.items()}

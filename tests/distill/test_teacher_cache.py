@@ -98,6 +98,28 @@ def test_float16_log_probs_cost_little():
     assert abs(float(full - half)) < 1e-3
 
 
+def test_chunked_cached_losses_equal_the_plain_ones_with_their_gradients():
+    from torch import nn
+
+    from distillery.distill.teacher_cache import CachedTargets, chunked_cached_losses
+
+    torch.manual_seed(4)
+    head = nn.Linear(8, 50, bias=False)
+    hidden = torch.randn(2, 7, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (2, 7))
+    targets[0, 3] = -100
+    ids, logprobs, tail = top_k_of(torch.randn(2, 7, 50) * 3, 6)
+    cached = CachedTargets(ids, logprobs.half(), tail, None)
+    logits = head(hidden)
+    plain = {"lm": losses.causal_lm_loss(logits, targets), "kd": sparse_kd_loss(logits, ids, logprobs.half(), tail, 2.0)}
+    chunked = chunked_cached_losses(head, hidden, targets, cached, 2.0, chunk_size=4)
+    for name in ("lm", "kd"):
+        torch.testing.assert_close(chunked[name], plain[name])
+    wanted = (hidden, head.weight)
+    torch.testing.assert_close(torch.autograd.grad(chunked["lm"] + 3 * chunked["kd"], wanted),
+                               torch.autograd.grad(plain["lm"] + 3 * plain["kd"], wanted))
+
+
 # ----------------------------------------------------------------------------------------------
 # Building
 
@@ -153,13 +175,15 @@ def test_build_then_resume_after_a_crash_gives_the_same_bytes(setup, tmp_path, m
     assert np.load(tmp_path / "whole" / "shard-00001.ids.npy").dtype == np.uint16
 
 
-def test_distill_from_a_full_cache_starts_from_the_online_forward_kl(setup, tmp_path):
+@pytest.mark.parametrize("chunked", [True, False])
+def test_distill_from_a_full_cache_starts_from_the_online_forward_kl(setup, tmp_path, chunked):
     """k = V, float32: the first step's KD term is the dense forward KL on the windows it drew."""
     V = load_lm(str(setup["teacher"])).config.vocab_size
     build_cache(str(setup["teacher"]), setup["data"], tmp_path / "cache", V, seq_len=SEQ, logprob_dtype="float32",
                 windows=12, shard_windows=5, progress=False)
     config = RunConfig(kind="distill", data=str(setup["data"]), out=str(tmp_path / "run"), student=str(setup["student"]),
-                       teacher_cache=str(tmp_path / "cache"), alpha_cos=0.0, **RUN)
+                       teacher_cache=str(tmp_path / "cache"), alpha_cos=0.0, chunked_loss=chunked,
+                       loss_chunk_size=24, **RUN)
     summary = run(config, progress=False)
     assert summary["steps"] == 1 and math.isfinite(summary["val_loss"])
     first = next(json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
@@ -253,3 +277,56 @@ def test_cache_command_refusals(setup, small_cache, tmp_path, capsys):
     roberta = save_tiny_roberta(tmp_path / "roberta", vocab_size=400)
     refused(capsys, ["teacher-cache", str(roberta), "--data", str(setup["data"]), "--out", str(tmp_path / "e")],
             "masked LM")
+
+
+# ----------------------------------------------------------------------------------------------
+# Resuming a run, and two processes
+
+
+def test_a_run_from_cache_resumes_exactly(setup, small_cache, tmp_path):
+    settings = dict(RUN, max_steps=2, alpha_cos=0.0)
+    common = dict(kind="distill", data=str(setup["data"]), student=str(setup["student"]),
+                  teacher_cache=str(small_cache))
+    run(RunConfig(out=str(tmp_path / "straight"), **common, **settings), progress=False)
+    run(RunConfig(out=str(tmp_path / "stopped"), **common, **{**settings, "max_steps": 1}), progress=False)
+    run(RunConfig(out=str(tmp_path / "stopped"), **common, **settings), resume=True, progress=False)
+    records = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                      if "loss" in json.loads(line)] for name in ("straight", "stopped")}
+    assert records["stopped"][-1]["step"] == 2
+    assert records["stopped"][-1]["kd"] == pytest.approx(records["straight"][-1]["kd"], rel=1e-6)
+
+
+def test_two_processes_build_the_same_cache_and_train_the_same_steps(setup, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "distillery.cli"]
+    options = dict(seq_len=SEQ, hidden=True, windows=7, shard_windows=2, progress=False)
+    build_cache(str(setup["teacher"]), setup["data"], tmp_path / "one", 4, **options)
+    launched = subprocess.run([*torchrun, "teacher-cache", str(setup["teacher"]), "--data", str(setup["data"]),
+                               "--out", str(tmp_path / "two"), "--top-k", "4", "--seq-len", str(SEQ), "--hidden",
+                               "--windows", "7", "--shard-windows", "2"], env=env, capture_output=True, text=True,
+                              timeout=300)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert cache_files(tmp_path / "two") == cache_files(tmp_path / "one")
+
+    settings = dict(RUN, max_steps=2, batch_size=4)
+    run(RunConfig(kind="distill", data=str(setup["data"]), student=str(setup["student"]), out=str(tmp_path / "run1"),
+                  teacher_cache=str(tmp_path / "one"), **settings), progress=False)
+    flags = ["distill", "--teacher-cache", str(tmp_path / "one"), "--student", str(setup["student"]), "--data",
+             str(setup["data"]), "--out", str(tmp_path / "run2"), "--no-plot", "--alpha-mse", "0"]
+    for name, value in settings.items():
+        if name not in ("plot", "alpha_mse"):
+            flags += ["--" + name.replace("_", "-"), str(value)]
+    launched = subprocess.run([*torchrun, *flags], env=env, capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    one, two = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+                for name in ("run1", "run2"))
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(one, two):
+        for key in ("loss", "lm", "kd", "cos", "val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
