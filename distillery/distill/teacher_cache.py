@@ -9,7 +9,8 @@ its windows *from that enumeration* (window indices from the run's generator, as
 
 The windows: window i covers train tokens [i * seq_len, (i + 1) * seq_len] (seq_len + 1 tokens,
 as `TokenDataset.iter_sequential` cuts them), so the teacher sees every training token once as
-an input; `windows` may keep only the first N.
+an input; `windows` may keep only the first N, and a run from such a cache sees only those (a
+narrower sample than online distillation's random offsets over the whole split).
 
 The folder:
     meta.json                         what the cache was made from and how (checked before use)

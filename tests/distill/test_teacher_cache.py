@@ -254,6 +254,7 @@ def test_refuses_teacher_and_cache_together_and_a_missing_hidden_state(setup, sm
             "pass one of them")
     argv = distill_argv(setup, small_cache, tmp_path / "b")
     refused(capsys, [*argv[:-3], "--alpha-cos", "1", "--no-plot"], "no hidden states")
+    refused(capsys, [*argv[:-3], "--alpha-cos", "1", "--cos-layers", "mapped"], "last hidden states only")
     refused(capsys, distill_argv(setup, small_cache, tmp_path / "c", "--kd-loss", "reverse_kl"), "forward_kl only")
     refused(capsys, distill_argv(setup, setup["data"], tmp_path / "d"), "is not a teacher cache")
 
