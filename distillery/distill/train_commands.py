@@ -12,6 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from distillery.distill.chunked_losses import DEFAULT_CHUNK_SIZE
 from distillery.distill.run_config import (
     COS_LAYERS,
     KD_LOSSES,
@@ -44,9 +45,11 @@ SHARED_SETTINGS = {
     "grad_clip": "gradient norm clipping (0: off)",
     "precision": f"{', '.join(PRECISIONS)} (auto: bf16 on GPU, fp32 on CPU)",
     "device": "auto, cpu, cuda, cuda:1, ...",
-    "chunked_loss": "compute the vocabulary head and losses chunk by chunk (same numbers, far less memory)",
-    "loss_chunk_size": "positions per chunk of the chunked loss",
-    "compile": "torch.compile the student's forward and backward (the first step compiles)",
+    "chunked_loss": "compute the vocabulary head and losses chunk by chunk: the same numbers, far less memory "
+                    "(default: on; --no-chunked-loss for full logits)",
+    "loss_chunk_size": f"positions per chunk of the chunked loss (default: {DEFAULT_CHUNK_SIZE})",
+    "compile": "torch.compile the student's forward and backward; the first step compiles (default: off, "
+               "no faster on a CPU)",
     "mlm_prob": "masked LM: fraction of tokens masked",
     "mlm_smoothing": "masked LM: masking weight count^-smoothing (0: uniform, as BERT/RoBERTa pre-training)",
     "eval_every": "steps between validation perplexities",
@@ -67,7 +70,7 @@ DISTILL_SETTINGS = {
     "cos_layers": f"{', '.join(COS_LAYERS)}: cosine on the last layer or every student layer",
     "kd_masked_only": "masked LM: soft targets only at masked positions",
     "teacher_dtype": f"{', '.join(TEACHER_DTYPES)}: the frozen teacher's weights (int8: CPUs only; bf16: for GPUs, "
-                     "slow on CPUs without bf16 units)",
+                     "slow on CPUs without bf16 units; default: fp32)",
     "teacher_cache": "a folder made by `distillery teacher-cache`: distil from the teacher's stored top-k "
                      "(no --teacher; batches drawn from the cached windows)",
     "objective": "lm (logits and hidden states of language models) or embedding (sentence encoders, "
