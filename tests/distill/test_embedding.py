@@ -112,6 +112,7 @@ def test_distillation_brings_the_student_closer_and_saves_a_sentence_encoder(pai
     assert summary["objective"] == "embedding" and summary["energy"]["kwh"] > 0
     trained = load_sentence_encoder(out / "model")
     assert trained.encode(["Alpha beta gamma."]).shape == (1, 32)
+    assert trained.max_seq_length == load_sentence_encoder(pair / "student").max_seq_length  # not --seq-len
 
     assert main(distill_args(pair, tmp_path / "mse-only", 8, "--alpha-cos", "0", "--lr", "1e-4")) == 0
     teacher, untrained = load_sentence_encoder(pair / "teacher"), load_sentence_encoder(pair / "student")
