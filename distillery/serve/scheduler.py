@@ -27,6 +27,7 @@ The model code only runs prefill and decode steps; the threads meet in `Generati
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import random
 import threading
@@ -145,6 +146,25 @@ class GenerationHandle:
 
 # ----------------------------------------------------------------------------------------------
 # The batch cache
+
+
+_LIBC = None
+IDLE_TRIM_AFTER_S = 0.5  # an idle scheduler returns freed memory after this long without work
+
+
+def return_freed_memory() -> None:
+    """Hand memory that Python and torch have freed back to the operating system (glibc's
+    malloc_trim). Without it glibc keeps freed mid-sized blocks, and a server's resident memory
+    stays at its busiest level after the load has gone (measured: +77 MB after 1,000 requests)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):  # not glibc: nothing to trim
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
 
 
 class BatchCache:
@@ -352,10 +372,16 @@ class Scheduler:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        trimmed = True
         while True:
             with self._wake:
                 while not (self._closed or self._jobs or self._waiting or self.running_rows()):
-                    self._wake.wait()
+                    if trimmed:
+                        self._wake.wait()
+                    elif not self._wake.wait(timeout=IDLE_TRIM_AFTER_S):  # idle for a while: once
+                        return_freed_memory()
+                        trimmed = True
+                trimmed = False
                 if self._closed:
                     break
                 jobs = list(self._jobs)
