@@ -9,9 +9,9 @@ for the default (first) model, and `GET /` the playground page (its files under 
 
 Around every route one ASGI layer (`Guard`) counts the request in /metrics, refuses a body over
 `max_body_bytes` (413) and, with an API key, a request without `Authorization: Bearer <key>`
-(401; /health, the page and its files stay open: a browser cannot send the header when it opens
-the page, and they hold no data). CORS headers are sent only for `cors_origins`. Every error
-leaves in the dialect of its route.
+(401 on every route but /health, the page included: a browser cannot send the header, so the
+playground is for servers without a key, or behind a proxy that adds it). CORS headers are sent
+only for `cors_origins`. Every error leaves in the dialect of its route.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def dialect_of(path: str, registry: ModelRegistry) -> str:
     return "tgi"
 
 
-OPEN_PATHS = ("/health",)  # answered without the API key (with the page and its files, for GET)
+OPEN_PATHS = ("/health",)  # answered without the API key
 
 
 class BodyTooLarge(Exception):
@@ -164,8 +164,7 @@ class Guard:
             return self._too_large()
         key = self.server.settings.api_key
         path = scope["path"]
-        open_page = scope["method"] == "GET" and (path == "/" or path.startswith("/static/"))
-        if key and path not in OPEN_PATHS and not open_page and scope["method"] != "OPTIONS":
+        if key and path not in OPEN_PATHS and scope["method"] != "OPTIONS":
             given = headers.get("authorization", "")
             scheme, _, token = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):

@@ -7,7 +7,7 @@ from serving import *  # noqa: F403 - the serve fixtures
 GENERATE = {"inputs": "Hello", "parameters": {"max_new_tokens": 2}}
 
 
-def test_api_key_is_needed_everywhere_but_health_and_the_page(make_client):
+def test_api_key_is_needed_everywhere_but_health(make_client):
     client = make_client(api_key="sesame")
     refused = client.post("/generate", json=GENERATE)
     assert refused.status_code == 401 and refused.json()["error_type"] == "unauthorized"
@@ -17,10 +17,10 @@ def test_api_key_is_needed_everywhere_but_health_and_the_page(make_client):
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
     assert "not this server's" in refused.json()["error"]["message"]
     for method, path in (("GET", "/v1/models"), ("GET", "/info"), ("GET", "/metrics"), ("POST", "/models/mlm"),
-                         ("POST", "/"), ("POST", "/tokenize")):
+                         ("POST", "/"), ("POST", "/tokenize"), ("GET", "/"), ("GET", "/static/playground.js")):
         assert client.request(method, path).status_code == 401, path
     assert client.get("/health").status_code == 200
-    assert client.get("/").status_code == 200
+    assert client.get("/", headers={"Authorization": "Bearer sesame"}).status_code == 200
     allowed = client.post("/generate", json=GENERATE, headers={"Authorization": "Bearer sesame"})
     assert allowed.status_code == 200
     assert client.get("/metrics", headers={"Authorization": "bearer sesame"}).status_code == 200
