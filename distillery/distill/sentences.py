@@ -79,19 +79,17 @@ def prepare_sentences(inputs: Iterable[str], out: Path, *, split: str = "sentenc
     Duplicates are dropped, the rest shuffled with `seed`, and the first `val_sentences` held out.
     """
     from distillery.distill.data import ReadStats, find_sources, read_pieces
-    from distillery.models.checkpoint import atomic_write
 
     if split not in SPLIT_MODES:
         raise DistilleryError(f"--split must be one of {', '.join(SPLIT_MODES)}, got {split!r}.")
     for name, value in (("--val-sentences", val_sentences), ("--min-words", min_words), ("--max-chars", max_chars)):
         if value <= 0:
             raise DistilleryError(f"{name} must be a positive integer, got {value}.")
+    from distillery.cli_types import OutputFolder
+
+    inputs = list(inputs)
+    target = OutputFolder(out, "--out", overwrite=overwrite, inputs=inputs)  # refused before any reading
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DistilleryError(f"--out {out} is a file; pass a folder.")
-    if (out / META_NAME).exists() and not overwrite:
-        raise DistilleryError(f"{out} already holds prepared data; pass --overwrite to replace it or choose "
-                              "another --out.")
     sources = find_sources(inputs, include, exclude=out)
     stats = ReadStats()
     seen: set[str] = set()
@@ -116,19 +114,19 @@ def prepare_sentences(inputs: Iterable[str], out: Path, *, split: str = "sentenc
     val, train = sentences[:val_sentences], sentences[val_sentences:]
     if max_sentences is not None:
         train = train[:max_sentences]
-    out.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    for name, rows in (("train", train), ("val", val)):
-        with atomic_write(out / SPLIT_FILES[name], "w") as f:
-            for sentence in rows:
-                f.write(sentence + "\n")
-                digest.update(sentence.encode("utf-8") + b"\n")
+    for rows in (train, val):
+        for sentence in rows:
+            digest.update(sentence.encode("utf-8") + b"\n")
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "split": split, "min_words": min_words,
             "max_chars": max_chars, "seed": seed, "files": stats.files, "bytes": stats.bytes,
             "sources": [s.key for s in sources][:100],
             "counts": {"train": len(train), "val": len(val)}, "sha256": digest.hexdigest()}
-    with atomic_write(out / META_NAME, "w") as f:  # written last: its presence means the folder is whole
-        json.dump(meta, f, indent=2)
+    # Written beside --out and swapped in whole: a failure or Ctrl-C leaves earlier data as it was.
+    with target.staged() as folder:
+        for name, rows in (("train", train), ("val", val)):
+            (folder / SPLIT_FILES[name]).write_text("".join(s + "\n" for s in rows), encoding="utf-8")
+        (folder / META_NAME).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return meta
 
 

@@ -52,9 +52,16 @@ def test_prepare_sentences_writes_splits_and_refuses_to_overwrite(tmp_path, caps
     train, val = read_sentences(tmp_path / "d", "train"), read_sentences(tmp_path / "d", "val")
     assert len(val) == 20 and len(train) > 100 and not set(train) & set(val)
     assert main(["prepare", str(source), "--sentences", "--out", str(tmp_path / "d")]) == 2
-    assert "already holds prepared data" in capsys.readouterr().err
+    assert "already holds a model, tokenizer, data or run" in capsys.readouterr().err
     with pytest.raises(DistilleryError, match="held out for validation"):
         prepare_sentences([str(source)], tmp_path / "e", val_sentences=10_000)
+    # --overwrite with an input that then fails leaves the old data as it was.
+    with pytest.raises(DistilleryError, match="held out for validation"):
+        prepare_sentences([str(source)], tmp_path / "d", val_sentences=10_000, overwrite=True)
+    assert read_sentences(tmp_path / "d", "train") == train
+    assert main(["prepare", str(source), "--sentences", "--val-sentences", "30", "--overwrite", "--out",
+                 str(tmp_path / "d")]) == 0
+    assert len(read_sentences(tmp_path / "d", "val")) == 30
 
 
 def test_epoch_batches_group_lengths_and_cover_every_sentence():
