@@ -81,7 +81,7 @@ def test_eval_sts_command(tmp_path, capsys):
     assert {"spearman", "pearson", "spearman_ci", "sentences_per_second"} <= set(result)
     assert -100 <= result["spearman"] <= 100 and result["pairs"] == 5
     assert main(["eval", "sts", str(model), "--data", str(tmp_path / "missing.tsv")]) == 2
-    assert "is not a file" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_real_model_scores_its_published_figure(shared_data):

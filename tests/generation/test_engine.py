@@ -186,13 +186,13 @@ def test_stream_yields_the_tokens_generate_returns(tiny):
 @pytest.mark.parametrize(("settings", "message"), [
     (dict(do_sample=True, top_p=1.5), "top_p must be in (0, 1]"),
     (dict(do_sample=True, top_p=0.0), "top_p must be in (0, 1]"),
-    (dict(do_sample=True, temperature=-0.5), "temperature must be a number >= 0"),
+    (dict(do_sample=True, temperature=-0.5), "temperature must be a finite number >= 0"),
     (dict(num_return_sequences=3), "num_return_sequences=3 needs sampling"),
     (dict(do_sample=True, temperature=0, num_return_sequences=2), "needs sampling"),
     (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0"),
     (dict(max_length=0), "max_length must be a positive integer"),
     (dict(top_k=-3), "top_k must be an integer >= 0"),
-    (dict(repetition_penalty=0.0), "repetition_penalty must be a number > 0"),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be a finite number > 0"),
     (dict(num_return_sequences=0), "num_return_sequences must be a positive integer"),
     (dict(eos_token_id=-1), "eos_token_id must be a token id"),
 ])

@@ -189,7 +189,7 @@ def test_prompt_too_long_is_refused_unless_truncated(generators):
 
 @pytest.mark.parametrize(("settings", "message"), [
     (dict(top_p=1.5), "top_p must be in (0, 1]"),
-    (dict(temperature=-1.0), "temperature must be a number >= 0"),
+    (dict(temperature=-1.0), "temperature must be a finite number >= 0"),
     (dict(do_sample=False, num_return_sequences=2), "num_return_sequences=2 needs sampling"),
     (dict(max_tokens=5), "unknown argument(s) ['max_tokens']"),
     (dict(max_length=3), "max_length (prompt + new tokens) is 3"),
