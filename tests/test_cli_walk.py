@@ -390,7 +390,11 @@ def test_errors_name_only_options_the_command_has(walked):
     for case, outcome in walked:
         if outcome.kind == "exit 2":
             known = {s for a in parsers[case.command]._actions for s in a.option_strings}
-            named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", outcome.detail.split(": error: ", 1)[-1]))
+            message = outcome.detail.split(": error: ", 1)[-1]
+            # A quoted command line of another command (`distillery prepare ... --tokenizer TOK`) names
+            # that command's options, which is where it sends the user.
+            own = re.sub(r"`distillery (?!" + re.escape(case.command) + r"\b)[^`]*`", "", message)
+            named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", own))
             wrong += [f"{case.command}: {flag} in {outcome.detail!r}" for flag in named - known]
     assert not wrong, "\n".join(sorted(set(wrong))[:30])
 
