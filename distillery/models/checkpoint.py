@@ -422,7 +422,7 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[Any]:
 
 def write_json(path: Path, obj: Any) -> None:
     with atomic_write(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)  # paths (typed CLI options) as text
         f.write("\n")
 
 

@@ -27,7 +27,8 @@ def test_scaling_grows_width_and_steps():
 
 
 def test_tiny_demo_end_to_end(tmp_path):
-    settings = DemoSettings(out=str(tmp_path / "demo"), vocab_size=300, n_embd=32, n_head=2, teacher_layers=2,
+    settings = DemoSettings(out=tmp_path / "demo",  # a Path, as the command line gives it
+                            vocab_size=300, n_embd=32, n_head=2, teacher_layers=2,
                             seq_len=32, batch_size=8, teacher_steps=30, student_steps=10, lr=3e-3,
                             held_out_modules=1, eval_batches=2, new_tokens=6, plot=False)
     report = run_demo(settings, sources=corpus_files(), progress=False)
