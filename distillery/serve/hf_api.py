@@ -178,12 +178,7 @@ async def _text_generation(request: Request, server: Server, served: ServedModel
         for _ in range(n):
             seed = None if p.seed is None else p.seed + len(requests)
             requests.append(GenerationRequest(ids, row_config, stop=stops, seed=seed, timeout=p.max_time))
-    slot = server.admit()
-    try:
-        handles = [server.submit(served, r) for r in requests]
-    except BaseException:
-        slot.release()
-        raise
+    slot, handles = server.start(served, requests)
     generations = await run_to_end(request, slot, handles)
     results = []
     for j, prompt in enumerate(prompts):

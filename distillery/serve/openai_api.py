@@ -137,7 +137,7 @@ async def completions_route(request: Request) -> Any:
     requests = _requests(server, served, body, prompts, max_tokens, top_n=body.logprobs or 0,
                          prompt_logprobs=body.echo and body.logprobs is not None)
     reply = Reply("cmpl", served.name, "text_completion")
-    slot, handles = _submit(server, served, requests)
+    slot, handles = server.start(served, requests)
     if body.stream:
         chunks = _completion_chunks(reply, server, served, body, prompts, handles)
         return _event_stream(request, slot, handles, chunks)
@@ -223,7 +223,7 @@ async def chat_route(request: Request) -> Any:
     requests = _requests(server, served, body, prompts, max_tokens, top_n=top_n, prompt_logprobs=False,
                          length_name="max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
     reply = Reply("chatcmpl", served.name, "chat.completion")
-    slot, handles = _submit(server, served, requests)
+    slot, handles = server.start(served, requests)
     if body.stream:
         return _event_stream(request, slot, handles, _chat_chunks(reply, server, served, body, ids, handles))
     generations = await run_to_end(request, slot, handles)
@@ -484,15 +484,6 @@ def _requests(server: Server, served: ServedModel, body: SamplingFields, prompts
             requests.append(GenerationRequest(ids, config, stop=stops, seed=seed, top_n=top_n,
                                               prompt_logprobs=prompt_logprobs))
     return requests
-
-
-def _submit(server: Server, served: ServedModel, requests: list[GenerationRequest]) -> tuple[Slot, list]:
-    slot = server.admit()
-    try:
-        return slot, [server.submit(served, r) for r in requests]
-    except BaseException:
-        slot.release()
-        raise
 
 
 def _event_stream(request: Request, slot: Slot, handles: list, chunks: AsyncIterator[bytes]) -> StreamingResponse:

@@ -157,6 +157,15 @@ class Server:
         self.scheduler.submit(served, request, handle)
         return handle
 
+    def start(self, served: ServedModel, requests: list[GenerationRequest]) -> tuple[Slot, list[GenerationHandle]]:
+        """Admit one request and queue its generations; the slot is released if queueing fails."""
+        slot = self.admit()
+        try:
+            return slot, [self.submit(served, r) for r in requests]
+        except BaseException:
+            slot.release()
+            raise
+
     async def run_encoder(self, job: Callable[[], Any]) -> Any:
         """Run an encoder pass (fill-mask, features) on the scheduler thread; a user's mistake the
         pipeline finds (no mask token, a text too long) becomes a validation error."""

@@ -200,12 +200,7 @@ async def health_route(request: Request) -> JSONResponse:
 async def generate(request: Request, body: GenerateRequest) -> JSONResponse:
     server: Server = request.app.state.server
     served, generation_request = _to_internal(server, body)
-    slot = server.admit()
-    try:
-        handle = server.submit(served, generation_request)
-    except BaseException:
-        slot.release()
-        raise
+    slot, [handle] = server.start(served, [generation_request])
     generation = (await run_to_end(request, slot, [handle]))[0]
     params = body.parameters
     text = generation.text
@@ -233,12 +228,7 @@ async def generate_stream(request: Request, body: GenerateRequest) -> StreamingR
         raise ServeError("validation", "`decoder_input_details` == true is not supported when streaming tokens.",
                          param="parameters.decoder_input_details")
     served, generation_request = _to_internal(server, body)
-    slot = server.admit()
-    try:
-        handle = server.submit(served, generation_request)
-    except BaseException:
-        slot.release()
-        raise
+    slot, [handle] = server.start(served, [generation_request])
 
     async def events() -> AsyncIterator[bytes]:
         text = body.inputs if body.parameters.return_full_text else ""
