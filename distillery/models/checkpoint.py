@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from distillery.models import bert, distilbert, gpt2, roberta
-from distillery.models.common import DistilleryError, Pretrained
+from distillery.models.common import DistilleryError, Pretrained, read_json_object
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -158,13 +158,7 @@ def read_config(directory: Path) -> dict[str, Any]:
                                   f"{directory / 'model'} instead.")
         raise CheckpointError(f"{directory} has no {CONFIG_NAME}; a model folder needs one (save it with "
                               "save_pretrained).")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file} is not valid JSON ({e}); fix or re-download it.") from e
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{file} must hold a JSON object.")
-    return config
+    return read_json_object(file, CheckpointError)
 
 
 def family_and_task(config: dict[str, Any], file: Path, task: str | None) -> tuple[str, str]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -10,6 +13,17 @@ from torch import nn
 
 class DistilleryError(Exception):
     """A user's mistake (bad file, bad argument): the message is one sentence naming the fix."""
+
+
+def read_json_object(file: Path, error: type[DistilleryError]) -> dict[str, Any]:
+    """The JSON object in `file`; `error` (named with the file and the fix) when it is not valid JSON or not an object."""
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{file} is not valid JSON ({e}); fix or re-download it.") from e
+    if not isinstance(value, dict):
+        raise error(f"{file} must hold a JSON object.")
+    return value
 
 
 class ConfigError(DistilleryError, ValueError):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distillery.models.common import DistilleryError, Pretrained
+from distillery.models.common import DistilleryError, Pretrained, read_json_object
 
 MODULES_FILE = "modules.json"
 SENTENCE_CONFIG_FILE = "sentence_bert_config.json"
@@ -254,13 +254,7 @@ def _hidden_size(model: Pretrained) -> int:
 def _read_json_object(file: Path) -> dict[str, Any]:
     if not file.is_file():
         raise SentenceEncoderError(f"{file} is missing; a sentence-transformers folder needs it.")
-    try:
-        value = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SentenceEncoderError(f"{file} is not valid JSON ({e}); fix or re-download it.") from e
-    if not isinstance(value, dict):
-        raise SentenceEncoderError(f"{file} must hold a JSON object.")
-    return value
+    return read_json_object(file, SentenceEncoderError)
 
 
 # ----------------------------------------------------------------------------------------------
