@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from distillery import cli_types
-from distillery.cli import add_command, print_json
+from distillery.cli import add_command, json_safe, print_json
 from distillery.models.common import DistilleryError
 
 DEFAULT_BIAS_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "bias"
@@ -171,7 +171,6 @@ def _note_lowered(flag: str, asked: int, positions: int) -> None:
 
 def _finish(args: argparse.Namespace, result: dict[str, Any], lines: list[str]) -> int:
     if args.save:
-        from distillery.cli import json_safe
         from distillery.models.checkpoint import write_json
 
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
@@ -216,10 +215,6 @@ def sts_command(args: argparse.Namespace) -> int:
     from distillery.evaluate.sts import compare_speed, evaluate_sts, read_sts
     from distillery.models.sentence_encoder import load_sentence_encoder
 
-    if args.batch_size <= 0:
-        raise DistilleryError(f"--batch-size must be a positive integer, got {args.batch_size}.")
-    if args.repeats <= 0:
-        raise DistilleryError(f"--repeats must be a positive integer, got {args.repeats}.")
     pairs = read_sts(args.data)
     encoder = load_sentence_encoder(args.model, device=args.device, dtype=args.dtype)
     teacher = load_sentence_encoder(args.teacher, device=args.device, dtype=args.dtype) if args.teacher else None
@@ -386,7 +381,6 @@ def finetune_command(args: argparse.Namespace) -> int:
 
     Saves the model, its tokenizer and results.json (settings, loss curve, perplexity) under --out.
     """
-    from distillery.cli import json_safe
     from distillery.cli_types import OutputFolder
     from distillery.evaluate.finetune import CausalFinetuneSettings, finetune_causal_lm
     from distillery.evaluate.perplexity import perplexity, read_text
