@@ -118,7 +118,7 @@ def prepare_command(args: argparse.Namespace) -> int:
     documents; a corpus of one document (one text file) holds out the tail of it.
     """
     from distillery.distill.data import DEFAULT_VAL_FRACTION, prepare_corpus
-    from distillery.distill.run_config import RunConfig
+    from distillery.distill.run_config import DEFAULT_SEQ_LEN
     from distillery.tokenizer import load_tokenizer
 
     if args.sentences:
@@ -143,7 +143,7 @@ def prepare_command(args: argparse.Namespace) -> int:
               "holds out its tail)")
     else:
         print(f"  val:   {counts['val_tokens']:,} tokens in {counts['val_documents']:,} documents")
-    window = RunConfig.__dataclass_fields__["seq_len"].default + 1
+    window = DEFAULT_SEQ_LEN + 1
     if counts["val_tokens"] < window:
         print(f"  note: the validation split holds fewer than {window:,} tokens, one window of the default "
               "--seq-len; hold out more with --val-fraction or --val-docs, or train with a lower --seq-len")

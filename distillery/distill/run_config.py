@@ -30,6 +30,7 @@ OBJECTIVES = ("lm", "embedding")
 RESUMABLE_CHANGES = frozenset({"max_steps", "eval_every", "save_every", "log_every", "eval_batches",
                                "out", "device", "plot", "carbon_region", "chunked_loss", "loss_chunk_size",
                                "compile"})
+DEFAULT_SEQ_LEN = 256  # a run's --seq-len unless given; lowered to fit a model or a teacher cache
 
 
 @dataclass
@@ -50,7 +51,7 @@ class RunConfig:
     # accumulation steps, so a run means the same thing on 1 or 8 GPUs.
     max_steps: int = 1000
     batch_size: int = 16
-    seq_len: int = 256
+    seq_len: int = DEFAULT_SEQ_LEN
     grad_accum: int = 1
     lr: float = 5e-4
     min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio

@@ -241,7 +241,7 @@ class TeacherCache:
         if s not in self._shards:
             self._shards[s] = {part: np.load(shard_file(self.path, s, part), mmap_mode="r")
                                for part in shard_parts(self.has_hidden)}
-        # int32 (not uint16) ids and float32 values: what torch gathers and computes with.
+        # int64 (not uint16) ids and float32 values: what torch gathers and computes with.
         return {part: np.asarray(a[j], dtype=np.int64 if part == "ids" else np.float32)
                 for part, a in self._shards[s].items()}
 

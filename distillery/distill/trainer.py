@@ -40,7 +40,7 @@ from torch import nn
 
 from distillery.distill import losses
 from distillery.distill.chunked_losses import VocabLosses, fused_vocab_losses
-from distillery.distill.run_config import RunConfig, config_differences
+from distillery.distill.run_config import DEFAULT_SEQ_LEN, RunConfig, config_differences
 from distillery.models.checkpoint import (
     atomic_write,
     build_model,
@@ -234,7 +234,7 @@ def open_teacher_cache(config: RunConfig, student: Pretrained, tokenizer, train_
     if student.family != "gpt2":
         raise DistilleryError(f"--teacher-cache holds a causal LM's targets but the student is a {student.family} "
                               "masked LM; distil it online with --teacher.")
-    if config.seq_len == RunConfig.__dataclass_fields__["seq_len"].default and config.seq_len != cache.seq_len:
+    if config.seq_len == DEFAULT_SEQ_LEN and config.seq_len != cache.seq_len:
         if say:
             print(f"note: --seq-len is the teacher cache's {cache.seq_len}", file=sys.stderr)
         config = config.replace(seq_len=cache.seq_len)
@@ -297,11 +297,10 @@ def check_windows(train, val, seq_len: int) -> None:
 def default_seq_len_fitted(config: RunConfig, positions: int, say: bool) -> RunConfig:
     """`config` with seq_len lowered to the model's positions when it is the default and longer
     (saying so when `say`); a longer seq_len the user asked for is left for the caller to refuse."""
-    default = RunConfig.__dataclass_fields__["seq_len"].default
-    if config.seq_len != default or config.seq_len <= positions:
+    if config.seq_len != DEFAULT_SEQ_LEN or config.seq_len <= positions:
         return config
     if say:
-        print(f"note: --seq-len is lowered from its default {default} to the model's {positions} positions",
+        print(f"note: --seq-len is lowered from its default {DEFAULT_SEQ_LEN} to the model's {positions} positions",
               file=sys.stderr)
     return config.replace(seq_len=positions)
 
