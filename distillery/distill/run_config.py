@@ -137,21 +137,27 @@ class RunConfig:
                 "change one of them."
             )
         if self.objective == "embedding":
-            if self.kind != "distill":
-                raise DistilleryError("The embedding objective is for distillation (`distillery distill`).")
-            if self.alpha_emb < 0 or self.alpha_attn < 0:
-                raise DistilleryError("Settings alpha_emb and alpha_attn must not be negative.")
-            if self.alpha_emb + self.alpha_cos + self.alpha_attn == 0:
-                raise DistilleryError("All embedding loss weights (alpha_emb, alpha_cos, alpha_attn) are 0; set one.")
-            if isinstance(self.relation_heads, bool) or not isinstance(self.relation_heads, int) \
-                    or self.relation_heads <= 0:
-                raise DistilleryError(f"Setting relation_heads must be a positive integer, got {self.relation_heads!r}.")
-        if self.teacher_cache:
+            self._check_embedding()
+        elif self.teacher_cache:
             self._check_teacher_cache()
         elif self.eval_sts:
             raise DistilleryError("eval_sts (--eval-sts) scores sentence embeddings; it goes with --objective embedding.")
         elif self.kind == "distill" and self.alpha_ce + self.alpha_lm + self.alpha_cos + self.alpha_mse == 0:
             raise DistilleryError("All loss weights (alpha_ce, alpha_lm, alpha_cos, alpha_mse) are 0; set one.")
+
+    def _check_embedding(self) -> None:
+        """The embedding objective's own settings."""
+        if self.kind != "distill":
+            raise DistilleryError("The embedding objective is for distillation (`distillery distill`).")
+        if self.alpha_emb < 0 or self.alpha_attn < 0:
+            raise DistilleryError("Settings alpha_emb and alpha_attn must not be negative.")
+        if self.alpha_emb + self.alpha_cos + self.alpha_attn == 0:
+            raise DistilleryError("All embedding loss weights (alpha_emb, alpha_cos, alpha_attn) are 0; set one.")
+        if isinstance(self.relation_heads, bool) or not isinstance(self.relation_heads, int) \
+                or self.relation_heads <= 0:
+            raise DistilleryError(f"Setting relation_heads must be a positive integer, got {self.relation_heads!r}.")
+        if self.teacher_cache:
+            raise DistilleryError("--teacher-cache holds a causal LM's targets; the embedding objective needs --teacher.")
 
     def _check_teacher_cache(self) -> None:
         """What a run from stored top-k targets cannot do, refused before anything loads."""

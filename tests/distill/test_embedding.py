@@ -182,3 +182,13 @@ def test_card_of_an_embedding_student(pair, tmp_path, capsys):
     assert "| dev.tsv (5 pairs) |" in card and "not measured" not in card.split("### Semantic")[1].split("##")[0]
     assert "x as many sentences per second as its teacher" in card
     assert "SentenceTransformer(" in card and "Sentences seen" in card
+
+
+def test_eval_sts_goes_with_the_embedding_objective_only():
+    from distillery.distill.run_config import RunConfig
+
+    assert RunConfig(objective="embedding", eval_sts="dev.tsv", alpha_ce=0, alpha_lm=0).eval_sts == "dev.tsv"
+    with pytest.raises(DistilleryError, match="goes with --objective embedding"):
+        RunConfig(eval_sts="dev.tsv")
+    with pytest.raises(DistilleryError, match="needs --teacher"):
+        RunConfig(objective="embedding", teacher_cache="cache/")
