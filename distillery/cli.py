@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distillery {_name(args)}: error: out of memory ({_first_line(e)}); lower the batch size, the "
               "sequence length or the model size.", file=sys.stderr)
         return 2
-    except (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as e:
+    except (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError, FileNotFoundError) as e:
         # The file system said no (a read-only folder, a file where a folder is needed): the
         # user's to fix, so one line naming the path, not a traceback.
         where = f"{e.filename}: " if e.filename else ""
