@@ -231,7 +231,10 @@ def embed_command(args: argparse.Namespace) -> int:
     check_device(args.device)
     if args.batch_size <= 0:
         raise DistilleryError(f"--batch-size must be a positive integer, got {args.batch_size}.")
-    if args.pooling or (Path(args.model).is_dir() and is_sentence_transformers_folder(args.model)):
+    from distillery.models.checkpoint import resolve_model_dir
+
+    # A hub id resolves through the cache first, so a missing model is named as missing.
+    if args.pooling or is_sentence_transformers_folder(resolve_model_dir(args.model)):
         return _sentence_embeddings(args)
     if len(args.text) > 1:
         raise DistilleryError("Per-token features take one TEXT; pass --pooling mean (or another mode) to embed "
