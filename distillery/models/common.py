@@ -15,6 +15,12 @@ class DistilleryError(Exception):
     """A user's mistake (bad file, bad argument): the message is one sentence naming the fix."""
 
 
+def plural(count: int, noun: str, plural_noun: str | None = None) -> str:
+    """A count and its noun, singular for 1: plural(1, "file") is "1 file", plural(12000, "token")
+    "12,000 tokens", plural(2, "query", "queries") "2 queries"."""
+    return f"{count:,} {noun if count == 1 else plural_noun or noun + 's'}"
+
+
 def read_json_object(file: Path, error: type[DistilleryError]) -> dict[str, Any]:
     """The JSON object in `file`; `error` (named with the file and the fix) when it is not valid JSON or not an object."""
     try:

@@ -12,7 +12,7 @@ import torch
 
 from distillery import cli_types
 from distillery.cli import add_command, print_json
-from distillery.models.common import DistilleryError
+from distillery.models.common import DistilleryError, plural
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 POOLING_CHOICES = ("mean", "cls", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
@@ -82,8 +82,8 @@ def register(subparsers) -> None:
                    help="texts per batch for sentence embeddings (default: 32)")
     p.add_argument("--truncation", action="store_true", help="cut texts longer than the model's positions")
     _add_device_flags(p)
-    p.add_argument("--json", action="store_true", help='print {"embeddings": [[...], ...]} for sentence embeddings, '
-                   "or tokens and features (1, T, C) per token")
+    p.add_argument("--json", action="store_true", help="print one JSON object: embeddings (one vector per text) for "
+                   "sentence output, tokens and token_embeddings (one vector per token) otherwise")
 
     p = add_command(subparsers, "info", info_command)
     p.add_argument("model", metavar="MODEL", help="model folder or hub id")
@@ -224,41 +224,64 @@ def embed_command(args: argparse.Namespace) -> int:
     A sentence-transformers folder (modules.json) gives one vector per text, pooled and normalised
     as sentence-transformers does. Any other encoder gives the base model's last hidden state per
     token (transformers' feature-extraction), or one pooled vector per text with --pooling.
-    Prints the shape and the first values; --json prints every value.
+    Prints the shape and the first values; --json prints every value, in one shape either way:
+    {"model", "texts", "output_value" ("sentence_embedding" or "token_embeddings"), "pooling",
+    "normalized", "dimensions", "embeddings" (one vector per text, or null), "tokens" and
+    "token_embeddings" (per text, its tokens and one vector per token, or null)}.
     """
-    from distillery.models.sentence_encoder import is_sentence_transformers_folder
-
-    check_device(args.device)
-    if args.batch_size <= 0:
-        raise DistilleryError(f"--batch-size must be a positive integer, got {args.batch_size}.")
     from distillery.models.checkpoint import resolve_model_dir
+    from distillery.models.sentence_encoder import is_sentence_transformers_folder
 
     # A hub id resolves through the cache first, so a missing model is named as missing.
     if args.pooling or is_sentence_transformers_folder(resolve_model_dir(args.model)):
-        return _sentence_embeddings(args)
-    if len(args.text) > 1:
-        raise DistilleryError("Per-token features take one TEXT; pass --pooling mean (or another mode) to embed "
-                              "several texts as sentences.")
-    args.text = args.text[0]
-    from distillery.pipelines import pipeline
-
-    extractor = pipeline("feature-extraction", model=args.model, device=args.device, dtype=args.dtype)
-    features = extractor(args.text, truncation=args.truncation or None)
-    vectors = features[0]
-    tokenizer = extractor.tokenizer
-    ids = tokenizer([args.text], truncation=args.truncation, max_length=extractor.max_tokens)["input_ids"][0]
-    tokens = tokenizer.convert_ids_to_tokens(ids.tolist())
+        result = _sentence_embeddings(args)
+    else:
+        result = _token_embeddings(args)
     if args.json:
-        print_json({"tokens": tokens, "shape": [1, len(vectors), len(vectors[0])], "features": features})
+        print_json(result)
         return 0
-    print(f"{len(vectors)} tokens x {len(vectors[0])} dimensions")
-    for token, vector in zip(tokens, vectors):
-        head = " ".join(f"{v:+.4f}" for v in vector[:6])
-        print(f"{token!r:<16} [{head} ...]")
+    dimensions = plural(result["dimensions"], "dimension")
+    if result["embeddings"] is not None:
+        print(f"{plural(len(args.text), 'text')} x {dimensions} "
+              f"({result['pooling']} pooling{', normalised' if result['normalized'] else ''})")
+        for text, vector in zip(args.text, result["embeddings"]):
+            print(f"{text[:40]!r:<44} {_first_values(vector)}")
+        return 0
+    for text, tokens, vectors in zip(args.text, result["tokens"], result["token_embeddings"]):
+        which = f"{text[:40]!r}: " if len(args.text) > 1 else ""
+        print(f"{which}{plural(len(tokens), 'token')} x {dimensions}")
+        for token, vector in zip(tokens, vectors):
+            print(f"{token!r:<16} {_first_values(vector)}")
     return 0
 
 
-def _sentence_embeddings(args: argparse.Namespace) -> int:
+def _first_values(vector: list[float]) -> str:
+    return "[" + " ".join(f"{v:+.4f}" for v in vector[:6]) + " ...]"
+
+
+def _embedding_record(args: argparse.Namespace, dimensions: int, pooling: str | None = None,
+                      normalized: bool = False, embeddings: list | None = None, tokens: list | None = None,
+                      token_embeddings: list | None = None) -> dict[str, Any]:
+    """What `embed --json` prints, with the same keys for sentence and per-token output."""
+    return {"model": args.model, "texts": args.text,
+            "output_value": "sentence_embedding" if embeddings is not None else "token_embeddings",
+            "pooling": pooling, "normalized": normalized, "dimensions": dimensions, "embeddings": embeddings,
+            "tokens": tokens, "token_embeddings": token_embeddings}
+
+
+def _token_embeddings(args: argparse.Namespace) -> dict[str, Any]:
+    from distillery.pipelines import pipeline
+
+    extractor = pipeline("feature-extraction", model=args.model, device=args.device, dtype=args.dtype)
+    features = [f[0] for f in extractor(args.text, truncation=args.truncation or None)]  # per text (T, C)
+    tokenizer = extractor.tokenizer
+    tokens = [tokenizer.convert_ids_to_tokens(
+        tokenizer([text], truncation=args.truncation, max_length=extractor.max_tokens)["input_ids"][0].tolist())
+        for text in args.text]
+    return _embedding_record(args, len(features[0][0]), tokens=tokens, token_embeddings=features)
+
+
+def _sentence_embeddings(args: argparse.Namespace) -> dict[str, Any]:
     from distillery.models.sentence_encoder import PoolingConfig, load_sentence_encoder
 
     if args.dtype == "int8":
@@ -271,15 +294,8 @@ def _sentence_embeddings(args: argparse.Namespace) -> int:
     if not np.isfinite(embeddings).all():
         raise DistilleryError(f"The model at {args.model} gives non-finite embeddings; its weights are broken "
                               "(NaN or infinite values); re-save or re-download it.")
-    if args.json:
-        print_json({"embeddings": embeddings.tolist()})
-        return 0
-    print(f"{len(args.text)} text(s) x {embeddings.shape[1]} dimensions "
-          f"({'+'.join(encoder.pooling.modes)} pooling{', normalised' if encoder.normalize or args.normalize else ''})")
-    for text, vector in zip(args.text, embeddings):
-        head = " ".join(f"{v:+.4f}" for v in vector[:6])
-        print(f"{text[:40]!r:<44} [{head} ...]")
-    return 0
+    return _embedding_record(args, embeddings.shape[1], pooling="+".join(encoder.pooling.modes),
+                             normalized=encoder.normalize or args.normalize, embeddings=embeddings.tolist())
 
 
 def info_command(args: argparse.Namespace) -> int:

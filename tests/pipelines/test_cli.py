@@ -92,24 +92,43 @@ def test_fill_mask_json_and_text(capsys, roberta_dir):
     assert code == 0 and lines[0] == "mask 1:" and lines[3] == "mask 2:" and len(lines) == 6
 
 
+EMBED_KEYS = {"model", "texts", "output_value", "pooling", "normalized", "dimensions", "embeddings", "tokens",
+              "token_embeddings"}
+
+
 @pytest.mark.parametrize("family", ["gpt2", "roberta"])
 def test_embed_json(capsys, family, gpt2_dir, roberta_dir):
     directory = gpt2_dir if family == "gpt2" else roberta_dir
-    result = run_json(capsys, "embed", directory, "Replace me by any text you'd like.")
-    n_tokens = 10 if family == "gpt2" else 12  # RoBERTa adds <s> and </s>
-    assert result["shape"] == [1, n_tokens, 32] and len(result["tokens"]) == n_tokens
-    features = torch.tensor(result["features"])
-    ids = load_tokenizer(directory).encode("Replace me by any text you'd like.")
+    texts = ["Replace me by any text you'd like.", "Another one."]
+    result = run_json(capsys, "embed", directory, *texts)
+    assert set(result) == EMBED_KEYS and result["output_value"] == "token_embeddings"
+    assert (result["texts"], result["pooling"], result["embeddings"], result["dimensions"]) == (texts, None, None, 32)
     model = load_model(directory)
-    with torch.no_grad():
-        encoder = getattr(model, "roberta", model)
-        expected = encoder(torch.tensor([ids])).last_hidden_state
-    torch.testing.assert_close(features, expected, atol=1e-5, rtol=0)
+    encoder = getattr(model, "roberta", model)
+    for text, tokens, features in zip(texts, result["tokens"], result["token_embeddings"]):
+        ids = load_tokenizer(directory).encode(text)
+        assert len(tokens) == len(features) == len(ids)
+        with torch.no_grad():
+            expected = encoder(torch.tensor([ids])).last_hidden_state[0]
+        torch.testing.assert_close(torch.tensor(features), expected, atol=1e-5, rtol=0)
+    code, out, _ = run(capsys, "embed", directory, *texts)
+    assert code == 0 and out.startswith(f"{texts[0]!r}: ") and " tokens x 32 dimensions" in out
+
+
+def test_embed_json_has_one_shape(capsys, roberta_dir):
+    """Sentence output has the keys per-token output has, with the per-token ones null."""
+    result = run_json(capsys, "embed", roberta_dir, "One text.", "--pooling", "mean", "--normalize")
+    assert set(result) == EMBED_KEYS and result["output_value"] == "sentence_embedding"
+    assert (result["pooling"], result["normalized"], result["tokens"], result["token_embeddings"]) == \
+        ("mean", True, None, None)
+    assert len(result["embeddings"]) == 1 and len(result["embeddings"][0]) == result["dimensions"] == 32
+    code, out, _ = run(capsys, "embed", roberta_dir, "One text.", "--pooling", "mean")
+    assert code == 0 and out.startswith("1 text x 32 dimensions (mean pooling)")
 
 
 def test_embed_truncation(capsys, gpt2_dir):
     result = run_json(capsys, "embed", gpt2_dir, " word" * 70, "--truncation")
-    assert result["shape"] == [1, 64, 32] and len(result["tokens"]) == 64
+    assert len(result["token_embeddings"][0]) == 64 and len(result["tokens"][0]) == 64
 
 
 def test_info_gpt2(capsys, gpt2_dir):
