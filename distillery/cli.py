@@ -110,11 +110,17 @@ def print_json(obj: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extras = parser.parse_known_args(argv)
     except SystemExit as e:
         if e.code in (0, None):  # --help, --version
             raise
         return 2  # a usage error, already printed as one line
+    if extras:  # argparse would blame "distillery", not the command whose options they are not
+        flags = [a for a in extras if a.startswith("-")]
+        what = f"unrecognized option{'s' * (len(flags) > 1)} {' '.join(flags)}" if flags else \
+            f"unexpected argument{'s' * (len(extras) > 1)} {' '.join(extras)}"
+        print(f"distillery {_name(args)}: error: {what}; see distillery {_name(args)} --help.", file=sys.stderr)
+        return 2
     try:
         return int(args.func(args) or 0)
     except DistilleryError as e:

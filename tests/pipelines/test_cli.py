@@ -225,6 +225,21 @@ def test_argparse_usage_error_exits_2(capsys):
     assert_one_line_error(code, err, "the following arguments are required: MODEL, TEXT")
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "MODEL", "x", "--bogus"], "distillery generate: error: unrecognized option --bogus; "
+                                            "see distillery generate --help."),
+    (["tokenizer", "train", ROOT / "README.md", "--vocab-size", "300", "--out", "tok", "--bogus", "--other"],
+     "distillery tokenizer train: error: unrecognized options --bogus --other; see distillery tokenizer train --help."),
+    (["eval", "perplexity", "MODEL", "--data", ROOT / "README.md", "--bogus"],
+     "distillery eval perplexity: error: unrecognized option --bogus; see distillery eval perplexity --help."),
+    (["info", "MODEL", "extra"], "distillery info: error: unexpected argument extra; see distillery info --help."),
+])
+def test_an_unknown_option_names_its_command(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert_one_line_error(code, err, message)
+    assert out == ""
+
+
 @pytest.mark.parametrize("draft_flags", [("--draft-k", "3"), ("--draft-dtype", "int8")])
 def test_generate_with_draft_equals_the_target_alone(capsys, gpt2_dir, tmp_path, draft_flags):
     draft = save_tiny_gpt2(tmp_path / "draft", vocab_size=50257, seed=7, n_layer=1)
@@ -282,7 +297,7 @@ class Args:
         for _ in range(100_000):
             print("x" * 100)
 
-cli.build_parser = lambda: type("Parser", (), {"parse_args": lambda self, argv: Args})()
+cli.build_parser = lambda: type("Parser", (), {"parse_known_args": lambda self, argv: (Args, [])})()
 sys.exit(cli.main([]))
 """
 
