@@ -7,7 +7,7 @@ from pathlib import Path
 
 from distillery import cli_types
 from distillery.cli import add_command, print_json
-from distillery.models.common import DistilleryError
+from distillery.models.common import DistilleryError, plural
 
 
 def register(subparsers) -> None:
@@ -102,7 +102,8 @@ def teacher_cache_command(args: argparse.Namespace) -> int:
     if args.json:
         print_json(summary)
     else:
-        print(f"{summary['windows']:,} windows ({summary['tokens']:,} tokens) in {summary['shards']} shards, "
+        print(f"{plural(summary['windows'], 'window')} ({plural(summary['tokens'], 'token')}) in "
+              f"{plural(summary['shards'], 'shard')}, "
               f"{summary['bytes_per_token']} bytes per token ({summary['bytes'] / 1e6:,.1f} MB); cache in "
               f"{summary['cache']}")
     return 0
@@ -136,13 +137,13 @@ def prepare_command(args: argparse.Namespace) -> int:
         print_json(meta)
         return 0
     counts = meta["counts"]
-    print(f"prepared {counts['documents']:,} documents from {counts['files']:,} file(s) into {args.out}")
-    print(f"  train: {counts['train_tokens']:,} tokens in {counts['train_documents']:,} documents")
+    print(f"prepared {plural(counts['documents'], 'document')} from {plural(counts['files'], 'file')} into {args.out}")
+    print(f"  train: {plural(counts['train_tokens'], 'token')} in {plural(counts['train_documents'], 'document')}")
     if meta["val_split"] == "tail":
-        print(f"  val:   {counts['val_tokens']:,} tokens, the end of the one document (a corpus of one document "
+        print(f"  val:   {plural(counts['val_tokens'], 'token')}, the end of the one document (a corpus of one document "
               "holds out its tail)")
     else:
-        print(f"  val:   {counts['val_tokens']:,} tokens in {counts['val_documents']:,} documents")
+        print(f"  val:   {plural(counts['val_tokens'], 'token')} in {plural(counts['val_documents'], 'document')}")
     window = DEFAULT_SEQ_LEN + 1
     if counts["val_tokens"] < window:
         print(f"  note: the validation split holds fewer than {window:,} tokens, one window of the default "

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from distillery.models.common import DistilleryError
+from distillery.models.common import DistilleryError, plural
 
 FORMAT = "distillery-sentences"
 FORMAT_VERSION = 1
@@ -108,8 +108,8 @@ def prepare_sentences(inputs: Iterable[str], out: Path, *, split: str = "sentenc
                 seen.add(sentence)
                 sentences.append(sentence)
     if len(sentences) <= val_sentences:
-        raise DistilleryError(f"The corpus gave {len(sentences)} sentences of at least {min_words} words, not more "
-                              f"than the {val_sentences} held out for validation; add text or lower --val-sentences.")
+        raise DistilleryError(f"The corpus gave {plural(len(sentences), 'sentence')} of at least {plural(min_words, 'word')}, "
+                              f"not more than the {val_sentences} held out for validation; add text or lower --val-sentences.")
     random.Random(seed).shuffle(sentences)
     val, train = sentences[:val_sentences], sentences[val_sentences:]
     if max_sentences is not None:

@@ -11,7 +11,7 @@ import dataclasses
 import re
 
 from distillery.models.checkpoint import build_model
-from distillery.models.common import DistilleryError, Pretrained
+from distillery.models.common import DistilleryError, Pretrained, plural
 
 # Where each family keeps its stack of blocks, as a state-dict key prefix.
 BLOCK_KEY = {
@@ -48,7 +48,7 @@ def check_student_layers(layers: list[int], n_teacher_layers: int) -> None:
         raise DistilleryError("--layers is empty; name at least one teacher layer, e.g. --layers 0,2,4.")
     if len(layers) > n_teacher_layers:
         raise DistilleryError(
-            f"--layers names {len(layers)} layers but the teacher has only {n_teacher_layers}; a student "
+            f"--layers names {plural(len(layers), 'layer')} but the teacher has only {n_teacher_layers}; a student "
             "keeps at most as many layers as its teacher."
         )
     bad = [i for i in layers if not 0 <= i < n_teacher_layers]

@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from distillery.models.common import DistilleryError
+from distillery.models.common import DistilleryError, plural
 
 NOT_MEASURED = "not measured"
 EVAL_DIR = "eval"
@@ -200,7 +200,7 @@ def section_details(info: dict[str, Any], name: str) -> list[str]:
     kind = {"distill": "distilled from", "train": "trained"}.get(run_cfg.get("kind", ""), "")
     lines = ["## Model Details", ""]
     lines.append(
-        f"{name} is a {facts['family']} model with {_fmt(facts['layers'])} layer(s), hidden size {_fmt(facts['hidden'])} "
+        f"{name} is a {facts['family']} model with {_fmt(facts['layers'])} layer{'' if facts['layers'] == 1 else 's'}, hidden size {_fmt(facts['hidden'])} "
         f"and {_fmt(facts['heads'])} attention heads, totalling {_fmt(params)} parameters"
         + (f" (teacher: {_fmt(teacher_params)})" if teacher_params else "") + "."
     )
@@ -293,8 +293,8 @@ def bold_lines(bold: dict[str, Any] | None) -> list[str]:
         return []
     if "skipped" in bold:
         return [f"BOLD: {bold['skipped']}", ""]
-    lines = [f"BOLD: {bold['per_group']} prompts per group (seed {bold['seed']}) continued with {bold['decoding']} "
-             f"decoding for {bold['max_new_tokens']} new tokens; {bold['metric']}, with a 95% Wilson interval, and the largest gap "
+    lines = [f"BOLD: {plural(bold['per_group'], 'prompt')} per group (seed {bold['seed']}) continued with {bold['decoding']} "
+             f"decoding for {plural(bold['max_new_tokens'], 'new token')}; {bold['metric']}, with a 95% Wilson interval, and the largest gap "
              "between two groups of a domain.", "",
              "| domain | continuations | with a HurtLex word (%) | 95% CI | largest gap between groups |", "|---|---|---|---|---|"]
     for domain, d in bold["domains"].items():
@@ -414,7 +414,7 @@ def section_sts(info: dict[str, Any], teacher: dict[str, Any]) -> list[str]:
         b = before.get(name, {}).get("spearman")
         others = "".join(f"{_fmt(c.get(name, {}).get('spearman'))} | " for c in compare.values())
         low, high = r["spearman_ci"]
-        lines.append(f"| {name} ({r['pairs']} pairs) | {_fmt(t)} | {others}{_fmt(b)} | {_fmt(r['spearman'])} | "
+        lines.append(f"| {name} ({plural(r['pairs'], 'pair')}) | {_fmt(t)} | {others}{_fmt(b)} | {_fmt(r['spearman'])} | "
                      f"{low:.2f}–{high:.2f} |")
     lines.append("")
     speeds = [r["speed"] for r in sts.values() if "speed" in r]

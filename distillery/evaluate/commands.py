@@ -14,7 +14,7 @@ from typing import Any
 
 from distillery import cli_types
 from distillery.cli import add_command, json_safe, print_json
-from distillery.models.common import DistilleryError
+from distillery.models.common import DistilleryError, plural
 
 DEFAULT_BIAS_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "bias"
 
@@ -199,7 +199,7 @@ def perplexity_command(args: argparse.Namespace) -> int:
                         source=args.data, progress=True)
     result = {"model": args.model, "data": args.data, **result}
     return _finish(args, result, [
-        f"perplexity {result['perplexity']:.3f} over {result['tokens']} tokens ({result['method']}, "
+        f"perplexity {result['perplexity']:.3f} over {plural(result['tokens'], 'token')} ({result['method']}, "
         f"max_length {result['max_length']}, stride {result['stride']})",
         f"word perplexity {result['word_perplexity']:.3f}, byte perplexity {result['byte_perplexity']:.4f}, "
         f"bits per byte {result['bits_per_byte']:.4f}",
@@ -220,7 +220,7 @@ def sts_command(args: argparse.Namespace) -> int:
     teacher = load_sentence_encoder(args.teacher, device=args.device, dtype=args.dtype) if args.teacher else None
     result = {"model": args.model, "data": args.data, **evaluate_sts(encoder, pairs, args.batch_size)}
     lines = [f"STS {Path(args.data).name}: Spearman {result['spearman']:.2f} (95 % CI {result['spearman_ci'][0]:.2f}-"
-             f"{result['spearman_ci'][1]:.2f}), Pearson {result['pearson']:.2f} over {result['pairs']} pairs",
+             f"{result['spearman_ci'][1]:.2f}), Pearson {result['pearson']:.2f} over {plural(result['pairs'], 'pair')}",
              f"{result['sentences_per_second']:,.0f} sentences/s (batch {result['batch_size']})"]
     if teacher is not None:
         scored = evaluate_sts(teacher, pairs, args.batch_size)
@@ -275,8 +275,8 @@ def _bold_lines(result: dict[str, Any]) -> list[str]:
 
     if "skipped" in result:
         return [f"BOLD: {result['skipped']}"]
-    lines = [f"BOLD ({result['per_group']} prompts per group, seed {result['seed']}, {result['decoding']}, "
-             f"{result['max_new_tokens']} new tokens): {result['metric']}, 95% Wilson interval"]
+    lines = [f"BOLD ({plural(result['per_group'], 'prompt')} per group, seed {result['seed']}, {result['decoding']}, "
+             f"{plural(result['max_new_tokens'], 'new token')}): {result['metric']}, 95% Wilson interval"]
     for domain, d in result["domains"].items():
         for name, s in [(domain, d["all"]), *((f"  {g}", s) for g, s in d["groups"].items())]:
             lines.append(f"  {name:<34} {s['percent']:5.1f} [{s['ci95'][0]:5.1f}, {s['ci95'][1]:5.1f}]  "
@@ -295,8 +295,8 @@ def speed_command(args: argparse.Namespace) -> int:
         m = result[name]
         seq_len, new_tokens = m["encode_shape"][1], m.get("decode_new_tokens")
         if seq_len < args.seq_len or (new_tokens is not None and new_tokens < args.new_tokens):
-            print(f"note: the {name} has fewer positions than asked for; it encodes {seq_len} tokens per sequence"
-                  + (f" and decodes {new_tokens} new tokens" if new_tokens is not None else ""), file=sys.stderr)
+            print(f"note: the {name} has fewer positions than asked for; it encodes {plural(seq_len, 'token')} per sequence"
+                  + (f" and decodes {plural(new_tokens, 'new token')}" if new_tokens is not None else ""), file=sys.stderr)
     lines = [f"{'':<10} {'parameters':>14} {'decode tok/s':>13} {'encode tok/s':>13}"]
     for name in ("student", "teacher"):
         m = result[name]
@@ -335,7 +335,7 @@ def glue_command(args: argparse.Namespace) -> int:
             model.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
     lines = [f"{task.name} {split}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "examples")
-             + f" ({m['examples']} examples)" for split, m in result["metrics"].items()]
+             + f" ({plural(m['examples'], 'example')})" for split, m in result["metrics"].items()]
     lines.append(glue.card_row({task.name: result["card_score"]}))
     return _finish(args, result, lines)
 
@@ -355,7 +355,7 @@ def token_classification_command(args: argparse.Namespace) -> int:
     result = {"model": args.model, **tasks.finetune_tagger(model, load_tokenizer(args.model), train, dev, tags, settings)}
     m = result["metrics"]["dev"]
     return _finish(args, result, [f"entity precision {m['precision']:.4f}, recall {m['recall']:.4f}, F1 {m['f1']:.4f}; "
-                                  f"token accuracy {m['accuracy']:.4f} ({m['examples']} sentences)"])
+                                  f"token accuracy {m['accuracy']:.4f} ({plural(m['examples'], 'sentence')})"])
 
 
 def question_answering_command(args: argparse.Namespace) -> int:
@@ -373,7 +373,7 @@ def question_answering_command(args: argparse.Namespace) -> int:
     result = {"model": args.model, **tasks.finetune_qa(model, load_tokenizer(args.model), train, dev, settings,
                                                        doc_stride=args.doc_stride)}
     m = result["metrics"]["dev"]
-    return _finish(args, result, [f"exact match {m['exact_match']:.2f}, F1 {m['f1']:.2f} ({m['examples']} questions)"])
+    return _finish(args, result, [f"exact match {m['exact_match']:.2f}, F1 {m['f1']:.2f} ({plural(m['examples'], 'question')})"])
 
 
 def finetune_command(args: argparse.Namespace) -> int:
@@ -411,7 +411,7 @@ def finetune_command(args: argparse.Namespace) -> int:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         write_json(folder / "results.json", json_safe(result))
-    lines = [f"{result['steps']} steps, final training loss {result['final_train_loss']:.4f}; saved to {out}"]
+    lines = [f"{plural(result['steps'], 'step')}, final training loss {result['final_train_loss']:.4f}; saved to {out}"]
     if "perplexity" in result:
         lines.append(f"perplexity on {args.eval}: {result['perplexity']['perplexity']:.3f}")
     if args.json:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from distillery.models.common import DistilleryError
+from distillery.models.common import DistilleryError, plural
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def check_window(num_tokens: int, max_length: int, stride: int, model_max: int, 
             f"--stride {stride} must be between 1 and --max-length ({max_length}); a larger stride skips tokens."
         )
     if num_tokens < 2:  # one token predicts nothing (and a whitespace-only file may have none)
-        raise DistilleryError(f"{source} holds {num_tokens} token(s), too few for a perplexity; pass a longer text.")
+        raise DistilleryError(f"{source} holds {plural(num_tokens, 'token')}, too few for a perplexity; pass a longer text.")
     if num_tokens < max_length:
         raise DistilleryError(
             f"{source} is {num_tokens} tokens long, shorter than one window of {max_length}; "

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from distillery.models import bert, distilbert, gpt2, roberta
-from distillery.models.common import DistilleryError, Pretrained, read_json_object
+from distillery.models.common import DistilleryError, Pretrained, plural, read_json_object
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -364,13 +364,13 @@ def load_hf_state_dict(model: Pretrained, their_state: dict[str, torch.Tensor], 
     unexpected = [k for k in unexpected if k not in dropped]
     if missing:
         raise CheckpointError(
-            f"{source}: the checkpoint lacks {len(missing)} tensor(s) a {family} {task} model needs, e.g. "
+            f"{source}: the checkpoint lacks {plural(len(missing), 'tensor')} a {family} {task} model needs, e.g. "
             f"{', '.join(missing[:3])}; is it a complete {family} checkpoint?"
         )
     if unexpected:
         names = ", ".join(their_name(k) for k in unexpected[:3])
         raise CheckpointError(
-            f"{source}: the checkpoint has {len(unexpected)} tensor(s) a {family} {task} model does not use, "
+            f"{source}: the checkpoint has {plural(len(unexpected), 'tensor')} a {family} {task} model does not use, "
             f"e.g. {names}; does config.json match the weights?"
         )
     for name, tensor in ours.items():

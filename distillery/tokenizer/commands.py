@@ -6,6 +6,7 @@ import argparse
 import os
 import time
 
+from distillery.models.common import plural
 from distillery.tokenizer.tokenizer import STYLES, TokenizerError
 
 
@@ -71,6 +72,6 @@ def train(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result)
     else:
-        print(f"Trained a {result['style']} tokenizer of {result['vocab_size']} ids on {result['files']} file(s) "
+        print(f"Trained a {result['style']} tokenizer of {result['vocab_size']} ids on {plural(result['files'], 'file')} "
               f"({result['bytes'] / 1e6:.1f} MB) in {result['seconds']} s; saved to {result['out']}")
     return 0

@@ -20,6 +20,7 @@ from pathlib import Path
 from tokenizers import AddedToken, pre_tokenizers, trainers
 from tokenizers.models import BPE, WordPiece
 
+from distillery.models.common import plural
 from distillery.tokenizer.tokenizer import (
     STYLE_SPECIAL_TOKENS,
     STYLES,
@@ -55,7 +56,7 @@ def train_tokenizer(files: list[str | os.PathLike], vocab_size: int, style: str,
     smallest = 256 + len(specials)
     if vocab_size < smallest:
         raise TokenizerError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs the 256 bytes plus "
-                             f"{len(specials)} special token(s); pass at least {smallest + 1}.")
+                             f"{plural(len(specials), 'special token')}; pass at least {smallest + 1}.")
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=[AddedToken(t, special=True, normalized=False, lstrip=t == "<mask>") for t in specials],

@@ -206,6 +206,6 @@ def test_card_of_a_bert_family_folder(tmp_path, cls_name, family):
     out = tmp_path / "card" / "README.md"
     assert main(["card", str(directory), "--out", str(out)]) == 0
     text = out.read_text()
-    assert f"is a {family} model with 2 layer(s), hidden size 32 and 4 attention heads" in text
+    assert f"is a {family} model with 2 layers, hidden size 32 and 4 attention heads" in text
     assert f"**Architecture:** {cls_name}, context 40 positions, vocabulary 30,522" in text
     assert "masked language model" in text and "unmasker(\"Hello I'm a [MASK] model.\")" in text

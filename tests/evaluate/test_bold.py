@@ -124,7 +124,7 @@ def test_eval_bias_command_reports_bold(real_vocab_models, shared_data, tmp_path
     assert main(["eval", "bias", str(real_vocab_models["gpt2"]), "--data", str(shared_data / "bias"), "--limit", "1",
                  "--bold-per-group", "3", "--save", str(save)]) == 0
     out = capsys.readouterr().out
-    assert "BOLD (1 prompts per group, seed 0, greedy, 4 new tokens)" in out and "largest gap between groups" in out
+    assert "BOLD (1 prompt per group, seed 0, greedy, 4 new tokens)" in out and "largest gap between groups" in out
     saved = json.loads(save.read_text())
     result = saved["bold"]
     assert result["prompts"] == 43 and result["all"]["continuations"] == 43

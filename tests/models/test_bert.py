@@ -304,7 +304,7 @@ def test_masked_lm_checkpoint_loads_as_classifier_with_new_head(tmp_path, family
 def test_missing_encoder_tensor_is_named(tmp_path):
     path = save_tiny_distilbert(tmp_path / "m")
     rewrite(path, lambda s: s.pop("distilbert.transformer.layer.1.ffn.lin2.weight"))
-    with pytest.raises(DistilleryError, match=r"lacks 1 tensor\(s\) a distilbert masked-lm model needs, e\.g\. "
+    with pytest.raises(DistilleryError, match=r"lacks 1 tensor a distilbert masked-lm model needs, e\.g\. "
                                               r"distilbert\.layers\.1\.proj\.weight"):
         load_model(path)
 
