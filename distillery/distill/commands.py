@@ -238,6 +238,6 @@ def _prepare_sentences(args: argparse.Namespace) -> int:
         print_json(meta)
         return 0
     counts = meta["counts"]
-    print(f"prepared {counts['train']:,} training and {counts['val']:,} validation sentences from "
-          f"{meta['files']:,} file(s) into {args.out}")
+    print(f"prepared {counts['train']:,} training and {plural(counts['val'], 'validation sentence')} from "
+          f"{plural(meta['files'], 'file')} into {args.out}")
     return 0

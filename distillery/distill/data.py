@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from distillery.distill.sentences import FORMAT as SENTENCE_FORMAT
 from distillery.models.checkpoint import atomic_write, write_json
 from distillery.models.common import DistilleryError
 
@@ -727,6 +728,10 @@ def load_meta(path: str | os.PathLike) -> dict[str, Any]:
         meta = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DistilleryError(f"{file} is not valid JSON ({e}); re-run distillery prepare.") from e
+    if isinstance(meta, dict) and meta.get("format") == SENTENCE_FORMAT:
+        raise DistilleryError(f"{directory} holds sentence data for embedding distillation (made by `distillery prepare "
+                              "--sentences`); this needs token data: make it with `distillery prepare INPUT "
+                              "--tokenizer TOK --out DIR`.")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
         raise DistilleryError(f"{file} is not metadata of distillery prepare (format {FORMAT} version "
                               f"{FORMAT_VERSION}); re-run distillery prepare.")

@@ -130,20 +130,32 @@ def prepare_sentences(inputs: Iterable[str], out: Path, *, split: str = "sentenc
     return meta
 
 
-def is_sentence_data(directory: str | Path) -> bool:
+def data_format(directory: str | Path) -> str | None:
+    """The "format" of a prepared folder's meta.json: sentences, tokens, or None (no readable meta.json)."""
     meta = Path(directory) / META_NAME
     if not meta.is_file():
-        return False
+        return None
     try:
-        return json.loads(meta.read_text()).get("format") == FORMAT
+        return json.loads(meta.read_text()).get("format")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
+        return None
+
+
+def is_sentence_data(directory: str | Path) -> bool:
+    return data_format(directory) == FORMAT
 
 
 def read_sentences(directory: str | Path, split: str) -> list[str]:
     """One split of a folder written by `prepare --sentences`."""
+    from distillery.distill.data import FORMAT as TOKEN_FORMAT
+
     directory = Path(directory)
-    if not is_sentence_data(directory):
+    found = data_format(directory)
+    if found == TOKEN_FORMAT:
+        raise DistilleryError(f"{directory} holds token data for the language-model objectives (made by `distillery "
+                              "prepare --tokenizer`); the embedding objective reads sentences: make them with "
+                              "`distillery prepare CORPUS --sentences --out DIR`.")
+    if found != FORMAT:
         raise DistilleryError(f"{directory} holds no sentence data; make it with `distillery prepare CORPUS "
                               f"--sentences --out {directory}`.")
     file = directory / SPLIT_FILES[split]

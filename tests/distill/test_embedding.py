@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import save_tiny_sentence_encoder
+from tiny_run import make_data
 
 from distillery.cli import main
 from distillery.distill.embedding import attention_relation_loss, epoch_batches, validation_mse
@@ -161,9 +162,12 @@ def test_refusals(pair, tmp_path, tiny_gpt2_dir, capsys):
                if a == str(pair / "student") else a for a in args]
     assert main(swapped) == 2
     assert "smaller than its teacher" in capsys.readouterr().err
-    lm_data = [str(tmp_path) if a == str(pair / "data") else a for a in args]
-    assert main(lm_data) == 2
+    no_data = [str(tmp_path) if a == str(pair / "data") else a for a in args]
+    assert main(no_data) == 2
     assert "holds no sentence data" in capsys.readouterr().err
+    token_data = [str(make_data(tmp_path / "tokens")) if a == str(pair / "data") else a for a in args]
+    assert main(token_data) == 2
+    assert "holds token data for the language-model objectives" in capsys.readouterr().err
 
 
 def test_card_of_an_embedding_student(pair, tmp_path, capsys):

@@ -280,6 +280,20 @@ def test_cache_command_refusals(setup, small_cache, tmp_path, capsys):
             "masked LM")
 
 
+def test_sentence_data_is_refused_with_what_it_is_for(setup, tmp_path, capsys):
+    """A folder of `prepare --sentences` is named as sentence data, for the cache and a token objective alike."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"Sentence number {i} says a little more." for i in range(40)), encoding="utf-8")
+    assert main(["prepare", str(corpus), "--sentences", "--val-sentences", "4", "--out", str(tmp_path / "sentences")]) == 0
+    words = "holds sentence data for embedding distillation (made by `distillery prepare --sentences`); this needs " \
+            "token data"
+    refused(capsys, ["teacher-cache", str(setup["teacher"]), "--data", str(tmp_path / "sentences"), "--out",
+                     str(tmp_path / "cache"), "--seq-len", str(SEQ), "--windows", "2"], words)
+    refused(capsys, ["distill", "--teacher", str(setup["teacher"]), "--student", str(setup["student"]), "--data",
+                     str(tmp_path / "sentences"), "--out", str(tmp_path / "run"), "--max-steps", "1", "--seq-len",
+                     str(SEQ), "--no-plot"], words)
+
+
 # ----------------------------------------------------------------------------------------------
 # Resuming a run, and two processes
 
