@@ -184,6 +184,7 @@ def run_embedding(config: RunConfig, procs, out: Path, resume: bool, progress: b
         _progress_bar,
         check_resumable,
         check_same_layout,
+        diverged,
         load_checkpoint,
         lr_factor,
         make_optimizer,
@@ -288,6 +289,10 @@ def run_embedding(config: RunConfig, procs, out: Path, resume: bool, progress: b
             running = {}
         if step % config.eval_every == 0 or step == config.max_steps:
             record: dict[str, Any] = {"step": step, "val_loss": validation_mse(teacher, student, val, config.batch_size)}
+            if not math.isfinite(record["val_loss"]):  # before a checkpoint or model of these weights
+                if bar is not None:
+                    bar.close()
+                raise diverged("validation", record["val_loss"], step, checkpoint_path, config)
             if sts_pairs is not None:
                 from distillery.evaluate.sts import evaluate_sts
 
@@ -312,10 +317,11 @@ def run_embedding(config: RunConfig, procs, out: Path, resume: bool, progress: b
     student.eval()
     student.max_seq_length = student_max_seq_length
     student.save_pretrained(final)
-    summary: dict[str, Any] = {"run": str(out), "kind": config.kind, "objective": "embedding", "steps": step,
+    named = Path(config.out)  # where the run ends up (`out` may be a folder beside it)
+    summary: dict[str, Any] = {"run": str(named), "kind": config.kind, "objective": "embedding", "steps": step,
                                "sentences": sentences_seen, "parameters": student.model.num_parameters(),
-                               "model": str(final), "metrics": str(out / METRICS_NAME),
-                               "checkpoint": str(checkpoint_path)}
+                               "model": str(named / FINAL_MODEL_DIR), "metrics": str(named / METRICS_NAME),
+                               "checkpoint": str(named / CHECKPOINT_NAME)}
     train_records = [r for r in log.records if "loss" in r]
     if train_records:
         summary["train_loss"] = train_records[-1]["loss"]

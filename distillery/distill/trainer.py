@@ -757,16 +757,19 @@ class MetricsLog:
 # The loop
 
 
-def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def run(config: RunConfig, resume: bool = False, progress: bool = True,
+        folder: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train or distil as `config` says; returns a summary (steps, losses, perplexity, paths).
 
     With `resume`, continues the run in config.out from its last checkpoint exactly where it
-    stopped. Launched by torchrun, each process trains its share of every batch (DDP).
+    stopped. Launched by torchrun, each process trains its share of every batch (DDP). `folder`
+    is where the run is written when that is not config.out itself (an --overwrite run is
+    written beside it and swapped in by the caller); the summary names config.out.
     """
     from distillery.evaluate.energy import EnergyTracker
 
     procs = start_processes(config.device)
-    out = Path(config.out)
+    out = Path(config.out if folder is None else folder)
     try:
         tracker = EnergyTracker(region=config.carbon_region)
         with tracker:
@@ -934,12 +937,9 @@ def _run(config: RunConfig, procs: Processes, out: Path, resume: bool, progress:
         step_terms = _sum_over_processes(step_terms, procs)
         if not math.isfinite(step_terms["loss"]):
             # Stop before a checkpoint of broken weights replaces the last good one.
-            kept = f"{checkpoint_path} keeps the last good step" if checkpoint_path.exists() else \
-                "nothing was saved yet"
             if bar is not None:
                 bar.close()  # before the sentence, so that it is the last line
-            raise DistilleryError(f"The training loss became {step_terms['loss']} at step {step} ({kept}); lower "
-                                  f"--lr (now {config.lr:g}) or check the data, and --resume or start again.")
+            raise diverged("training", step_terms["loss"], step, checkpoint_path, config)
 
         for name, value in step_terms.items():
             running[name] = running.get(name, 0.0) + value
@@ -957,10 +957,18 @@ def _run(config: RunConfig, procs: Processes, out: Path, resume: bool, progress:
                       "tokens_per_s": tokens_per_s, "elapsed_s": elapsed}
             log.write(record)
             running = {}
-        # The last step's evaluation comes after the final model is saved (below).
-        if procs.is_main and step % config.eval_every == 0 and step < config.max_steps:
-            last_eval = evaluate_loss(student, val_data, config, causal, tokenizer, mask_weights)
-            log.write({"step": step, "val_loss": last_eval, "val_ppl": math.exp(min(last_eval, 50))})
+        # The last step is evaluated too, before its checkpoint and the final model are written.
+        if step % config.eval_every == 0 or step == config.max_steps:
+            # The main process evaluates; the sum tells every process whether to stop.
+            val_loss = evaluate_loss(student, val_data, config, causal, tokenizer, mask_weights) \
+                if procs.is_main else 0.0
+            last_eval = _sum_over_processes({"val_loss": val_loss}, procs)["val_loss"]
+            if not math.isfinite(last_eval):
+                if bar is not None:
+                    bar.close()
+                raise diverged("validation", last_eval, step, checkpoint_path, config)
+            if log is not None:
+                log.write({"step": step, "val_loss": last_eval, "val_ppl": math.exp(min(last_eval, 50))})
         if step % config.save_every == 0 or step == config.max_steps:
             if not all(bool(torch.isfinite(p).all()) for p in student.parameters()):
                 # The last update broke the weights: keep the checkpoint before it.
@@ -982,26 +990,38 @@ def _run(config: RunConfig, procs: Processes, out: Path, resume: bool, progress:
     if bar is not None:
         bar.close()
 
-    summary: dict[str, Any] = {"run": str(out), "kind": config.kind, "steps": step, "tokens": tokens_seen,
+    named = Path(config.out)  # where the run ends up (`out` may be a folder beside it)
+    summary: dict[str, Any] = {"run": str(named), "kind": config.kind, "steps": step, "tokens": tokens_seen,
                                "parameters": student.num_parameters(), "seq_len": config.seq_len}
     if procs.is_main:
-        # The model and the training numbers are written before the final evaluation, so that an
-        # error in it loses nothing (and --resume evaluates again).
+        if last_eval is None:  # a finished run resumed: no step ran, so it is evaluated again
+            last_eval = evaluate_loss(student, val_data, config, causal, tokenizer, mask_weights)
+            if not math.isfinite(last_eval):
+                raise diverged("validation", last_eval, step, checkpoint_path, config)
+            if not any(r["step"] == step and "val_loss" in r for r in log.records):
+                log.write({"step": step, "val_loss": last_eval, "val_ppl": math.exp(min(last_eval, 50))})
         final = out / FINAL_MODEL_DIR
         student.save_pretrained(final)
         tokenizer.save_pretrained(final)
         train_records = [r for r in log.records if "loss" in r]
         if train_records:
             summary["train_loss"] = train_records[-1]["loss"]
-        summary.update(model=str(final), metrics=str(out / METRICS_NAME), checkpoint=str(checkpoint_path))
+        summary.update(model=str(named / FINAL_MODEL_DIR), metrics=str(named / METRICS_NAME),
+                       checkpoint=str(named / CHECKPOINT_NAME), val_loss=last_eval,
+                       val_ppl=math.exp(min(last_eval, 50)))
         write_json(out / "summary.json", summary)
-        last_eval = evaluate_loss(student, val_data, config, causal, tokenizer, mask_weights)
-        if not any(r["step"] == step and "val_loss" in r for r in log.records):  # a finished run resumed
-            log.write({"step": step, "val_loss": last_eval, "val_ppl": math.exp(min(last_eval, 50))})
         if plot:
             log.plot(out / PLOT_NAME)
-        summary.update(val_loss=last_eval, val_ppl=math.exp(min(last_eval, 50)))
     return summary
+
+
+def diverged(loss: str, value: float, step: int, checkpoint_path: Path, config: RunConfig) -> DistilleryError:
+    """The sentence that stops a run whose `loss` ("training" or "validation") is NaN or infinite,
+    raised before a checkpoint or model of the broken weights replaces the last good one."""
+    kept = f"{checkpoint_path} keeps the last good step" if checkpoint_path.exists() else "nothing was saved yet"
+    data = "the data" if loss == "training" else "the validation data"
+    return DistilleryError(f"The {loss} loss became {value} at step {step} ({kept}); lower --lr (now {config.lr:g}) "
+                           f"or check {data}, and --resume or start again.")
 
 
 def add_energy(segment: dict[str, Any], path: Path, resume: bool) -> dict[str, Any]:
