@@ -17,8 +17,9 @@ $(BIN)/.installed: pyproject.toml Makefile
 
 venv: $(BIN)/.installed
 
+# A rerun replaces the last demo only once the new one has finished (--overwrite writes it beside).
 demo: venv
-	$(BIN)/distillery demo
+	$(BIN)/distillery demo --overwrite
 
 lint: venv
 	$(BIN)/ruff check distillery tests bench

@@ -8,7 +8,9 @@ Path types say what must be there: an existing file, an existing folder, or a pl
 
 An output folder is written beside its final place and swapped in at the end (`OutputFolder`),
 so a failure or Ctrl-C leaves the old contents as they were, and one that already holds a model,
-tokenizer, data or run is replaced only when the user passes --overwrite.
+tokenizer, data or run is replaced only when the user passes --overwrite. A long, resumable job
+(`train`, `distill`, `demo`) is written beside its folder under a fixed name, `.NAME.overwrite`,
+which --overwrite --resume continues after a kill.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import math
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -255,7 +258,7 @@ def _check_parents(path: Path, value: str) -> None:
 # mistyped --out never deletes unrelated files.
 OUTPUT_MARKERS = ("config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json", "vocab.json",
                   "vocab.txt", "tokenizer_config.json", "meta.json", "train.bin", "config.yaml",
-                  "metrics.jsonl", "checkpoint.pt", "report.json", "results.json", "summary.json")
+                  "metrics.jsonl", "checkpoint.pt", "report.json", "results.json", "summary.json", "demo.json")
 
 
 class OutputFolder:
@@ -304,6 +307,33 @@ class OutputFolder:
                                   "replace it or choose another folder.")
 
     @contextmanager
+    def staged_resumable(self, resume: bool = False, main: bool = True) -> Iterator[Path]:
+        """`staged` for a long job that keeps checkpoints: the folder beside the target is
+        `overwrite_staging(target)`; a new job (not `resume`) starts it empty, a failure leaves it
+        (and says so) for a `resume` to continue, and it replaces the target when the block ends
+        normally. The other processes of a multi-process job (`main` False) only get its path."""
+        staging = overwrite_staging(self.path)
+        if not main:
+            yield staging
+            return
+        if resume and not staging.is_dir():
+            raise DistilleryError(f"There is no interrupted --overwrite run to resume in {staging}; drop --resume "
+                                  "to start one.")
+        if not resume:
+            shutil.rmtree(staging, ignore_errors=True)  # what a killed --overwrite run left
+        staging.mkdir(parents=True, exist_ok=True)
+        try:
+            yield staging
+        except BaseException:
+            if any(staging.iterdir()):
+                print(f"note: {self.flag} {self.path} is left as it was; the unfinished run in {staging} continues "
+                      "with --overwrite --resume.", file=sys.stderr)
+            else:
+                staging.rmdir()
+            raise
+        self._swap_in(staging)
+
+    @contextmanager
     def staged(self) -> Iterator[Path]:
         """Yield an empty folder beside the target; when the block ends normally it replaces the
         target, otherwise it is removed and the target is left as it was."""
@@ -336,6 +366,13 @@ class OutputFolder:
             os.rename(old, target)
             raise
         shutil.rmtree(old, ignore_errors=True)
+
+
+def overwrite_staging(path: str | os.PathLike) -> Path:
+    """Where a resumable job run with --overwrite is written: `.NAME.overwrite` beside `path`, a fixed
+    name, so that --overwrite --resume finds it again after a kill."""
+    path = Path(path).expanduser().absolute()
+    return path.parent / f".{path.name}.overwrite"
 
 
 def _umask() -> int:

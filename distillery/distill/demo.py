@@ -9,6 +9,7 @@ from the teacher's layers, distils it, and compares the two on the held-out modu
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 import sysconfig
@@ -30,6 +31,8 @@ SKIPPED_FOLDERS = {"site-packages", "dist-packages", "test", "tests", "idlelib",
                    "__pycache__", "ensurepip", "config-3", "pydoc_data", "encodings"}
 # Prompts end inside a token, not on a space: byte-level BPE puts the space in front of the next word.
 PROMPTS = ("def read_file(path", "class Config(", "import os\nfrom ", "    for i in range(")
+# The demo's settings, written first: they mark a folder as a demo's, and --resume must match them.
+SETTINGS_NAME = "demo.json"
 
 
 @dataclass
@@ -82,25 +85,49 @@ def stdlib_sources(root: Path | None = None) -> list[Path]:
     return files
 
 
-def run_demo(settings: DemoSettings, sources: list[Path] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Tokenizer -> data -> teacher -> student -> distillation -> comparison; returns the report."""
-    from distillery.distill.data import TokenDataset, prepare_corpus
-    from distillery.distill.student import make_student
-    from distillery.distill.trainer import evaluate_loss, load_lm, run
-    from distillery.tokenizer import train_tokenizer
+def run_demo(settings: DemoSettings, sources: list[Path] | None = None, progress: bool = True,
+             folder: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
+    """Tokenizer -> data -> teacher -> student -> distillation -> comparison; returns the report.
 
-    out = Path(settings.out)
+    Written in settings.out, or in `folder` when that is not settings.out itself (an --overwrite demo,
+    swapped in by the caller); the report names settings.out. With `resume`, an interrupted demo of
+    the same settings continues: the tokenizer and data are kept once the data is complete, and
+    each run continues from its last checkpoint.
+    """
+    from distillery.distill.data import META_NAME, TokenDataset, prepare_corpus
+    from distillery.distill.student import make_student
+    from distillery.distill.trainer import CHECKPOINT_NAME, evaluate_loss, load_lm, run
+    from distillery.models.checkpoint import write_json
+    from distillery.tokenizer import load_tokenizer, train_tokenizer
+
+    out, named = Path(settings.out if folder is None else folder), Path(settings.out)
+    wanted = {k: v for k, v in dataclasses.asdict(settings).items() if k != "out"}
+    if resume:
+        if not (out / SETTINGS_NAME).is_file():
+            raise DistilleryError(f"There is no demo to resume in {out} (no {SETTINGS_NAME}); drop --resume to start "
+                                  "one.")
+        saved = json.loads((out / SETTINGS_NAME).read_text())
+        differences = sorted(k for k in wanted if saved.get(k) != wanted[k])
+        if differences:
+            raise DistilleryError(f"The demo in {out} was started with other settings ({', '.join(differences)}); "
+                                  "resume it with its own options, or pass --overwrite without --resume to start "
+                                  "afresh.")
     out.mkdir(parents=True, exist_ok=True)
+    write_json(out / SETTINGS_NAME, wanted)
     started = time.perf_counter()
     sources = sources if sources is not None else stdlib_sources()
-    _say(f"[1/6] {len(sources)} standard library modules, "
-         f"{sum(f.stat().st_size for f in sources) / 1e6:.1f} MB; training a {settings.vocab_size}-token BPE")
-    tokenizer = train_tokenizer(sources, settings.vocab_size, "gpt2", out / "tokenizer", show_progress=progress)
-
-    _say(f"[2/6] tokenizing; {settings.held_out_modules} modules held out for evaluation")
-    meta = prepare_corpus(sources, tokenizer, out / "data", val_docs=settings.held_out_modules,
-                          seed=settings.seed, overwrite=True)
     data = str(out / "data")
+    if resume and (out / "data" / META_NAME).is_file():  # the tokenizer was complete before the data was made
+        _say("[1-2/6] the tokenizer and the data of the interrupted demo are kept")
+        tokenizer = load_tokenizer(out / "tokenizer")
+        meta = json.loads((out / "data" / META_NAME).read_text())
+    else:
+        _say(f"[1/6] {len(sources)} standard library modules, "
+             f"{sum(f.stat().st_size for f in sources) / 1e6:.1f} MB; training a {settings.vocab_size}-token BPE")
+        tokenizer = train_tokenizer(sources, settings.vocab_size, "gpt2", out / "tokenizer", show_progress=progress)
+        _say(f"[2/6] tokenizing; {settings.held_out_modules} modules held out for evaluation")
+        meta = prepare_corpus(sources, tokenizer, data, val_docs=settings.held_out_modules, seed=settings.seed,
+                              overwrite=True)
 
     run_settings = dict(data=data, tokenizer=str(out / "tokenizer"), seed=settings.seed, seq_len=settings.seq_len,
                         batch_size=settings.batch_size, lr=settings.lr, eval_batches=settings.eval_batches,
@@ -108,15 +135,15 @@ def run_demo(settings: DemoSettings, sources: list[Path] | None = None, progress
     teacher_steps, student_steps = settings.teacher_steps, settings.student_steps
     _say(f"[3/6] pre-training a {settings.teacher_layers}-layer GPT-2 teacher for {teacher_steps} steps")
     teacher_config = RunConfig(
-        kind="train", model="gpt2", out=str(out / "teacher"), max_steps=teacher_steps,
+        kind="train", model="gpt2", out=str(named / "teacher"), max_steps=teacher_steps,
         warmup_steps=max(1, teacher_steps // 20), eval_every=max(1, teacher_steps // 4),
         save_every=max(1, teacher_steps // 4),
         # No dropout: the demo sees well under one epoch of its corpus, so nothing to regularise.
         model_overrides=dict(n_layer=settings.teacher_layers, n_head=settings.n_head, n_embd=settings.n_embd,
                              n_positions=settings.seq_len, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
         **run_settings)
-    _fresh_run_folder(out / "teacher")
-    run(teacher_config, progress=progress)
+    run(teacher_config, resume=resume and (out / "teacher" / CHECKPOINT_NAME).is_file(), progress=progress,
+        folder=out / "teacher")
 
     _say("[4/6] making a half-depth student from the teacher's layers")
     teacher = load_lm(str(out / "teacher" / "model"))
@@ -127,36 +154,28 @@ def run_demo(settings: DemoSettings, sources: list[Path] | None = None, progress
     _say(f"[5/6] distilling the student for {student_steps} steps")
     distill_config = RunConfig(
         kind="distill", teacher=str(out / "teacher" / "model"), student=str(out / "student-init"),
-        out=str(out / "student"), max_steps=student_steps, warmup_steps=max(1, student_steps // 20),
+        out=str(named / "student"), max_steps=student_steps, warmup_steps=max(1, student_steps // 20),
         eval_every=max(1, student_steps // 4), save_every=max(1, student_steps // 4), **run_settings)
-    _fresh_run_folder(out / "student")
-    run(distill_config, progress=progress)
+    run(distill_config, resume=resume and (out / "student" / CHECKPOINT_NAME).is_file(), progress=progress,
+        folder=out / "student")
 
     _say("[6/6] comparing teacher and student on the held-out modules")
     validation = TokenDataset(data, "val")
     eval_config = dataclasses.replace(teacher_config, eval_batches=settings.eval_batches * 2)
     rows = {}
     texts = {}
-    for name, path in (("teacher", out / "teacher" / "model"), ("student", out / "student" / "model")):
-        model = load_lm(str(path))
+    for name in ("teacher", "student"):
+        model = load_lm(str(out / name / "model"))
         loss = evaluate_loss(model, validation, eval_config, causal=True)
         tokens_per_s = decode_speed(model, tokenizer, settings.new_tokens)
         rows[name] = {"layers": model.config.n_layer, "parameters": model.num_parameters(),
-                      "perplexity": math.exp(loss), "decode_tokens_per_s": tokens_per_s, "model": str(path)}
+                      "perplexity": math.exp(loss), "decode_tokens_per_s": tokens_per_s, "model": str(named / name / "model")}
         texts[name] = completions(model, tokenizer, PROMPTS, settings.new_tokens)
     report = {"settings": dataclasses.asdict(settings), "corpus": meta.get("counts", {}),
               "chance_perplexity": tokenizer.vocab_size, "models": rows, "completions": texts,
               "minutes": (time.perf_counter() - started) / 60}
-    from distillery.models.checkpoint import write_json
-
     write_json(out / "report.json", report)
     return report
-
-
-def _fresh_run_folder(path: Path) -> None:
-    # A rerun of the demo starts its runs afresh instead of refusing an existing run.
-    for name in ("checkpoint.pt", "metrics.jsonl"):
-        (path / name).unlink(missing_ok=True)
 
 
 def completions(model, tokenizer, prompts: tuple[str, ...], new_tokens: int) -> dict[str, str]:

@@ -3,12 +3,19 @@
 Every RunConfig setting is a flag (`--alpha-ce 5`) and a YAML key (`alpha_ce: 5`); flags win
 over the file given with --config, which wins over the defaults. With --resume and no --config,
 the run's own config.yaml is the base, so `distillery distill --out RUN --resume` continues a run.
+
+A folder that already holds a run is refused unless --resume continues it or --overwrite replaces
+it; an --overwrite run is written in `.RUN.overwrite` beside RUN (which --overwrite --resume
+continues after a kill) and replaces RUN only when it finishes.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +131,8 @@ def register(subparsers) -> None:
 
     p = add_command(subparsers, "demo", demo_command)
     p.add_argument("--out", default="runs/demo", type=cli_types.output_folder,
-                   help="folder for everything the demo makes (a rerun starts its runs afresh)")
+                   help="folder for everything the demo makes")
+    _add_resume_flags(p, "demo")
     p.add_argument("--scale", type=cli_types.float_range(0.0, 100.0, low_open=True), default=1.0,
                    help="multiply the training steps by this and the model width by its square root "
                         "(2: a bigger, slower demo)")
@@ -138,7 +146,7 @@ def _add_run_flags(p: argparse.ArgumentParser, settings: dict[str, str]) -> None
     from distillery import cli_types
 
     p.add_argument("--config", type=cli_types.existing_file, help="YAML file of settings (flags override it)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    _add_resume_flags(p, "run")
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     types = {f.name: type(f.default) for f in dataclasses.fields(RunConfig)}
     ranges = _setting_types()
@@ -151,23 +159,43 @@ def _add_run_flags(p: argparse.ArgumentParser, settings: dict[str, str]) -> None
             p.add_argument(_flag(name), type=kind, choices=CHOICES.get(name), help=help_text)
 
 
+def _add_resume_flags(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--resume", action="store_true",
+                   help=f"continue the {what} in --out from its last checkpoint (with --overwrite: the interrupted "
+                        "replacement in .NAME.overwrite beside it)")
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace the {what} already in --out: the new one is written in .NAME.overwrite beside it "
+                        "and replaces it only when it finishes, so a failure or Ctrl-C leaves the old one; "
+                        "--overwrite --resume continues an interrupted one")
+
+
+def _main_process() -> bool:
+    """False in the other processes of a torchrun launch, which leave the run folder to the first."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
 def resolve_config(args: argparse.Namespace, kind: str, settings: dict[str, str], **extra: Any) -> RunConfig:
     """Defaults <- YAML (--config, or the run's config.yaml on --resume) <- flags."""
+    from distillery.cli_types import overwrite_staging
+
     base: dict[str, Any] = {}
-    if args.resume and args.out and not any((Path(args.out) / name).is_file()
-                                            for name in ("config.yaml", "checkpoint.pt")):
+    folder = (overwrite_staging(args.out) if args.overwrite else Path(args.out)) if args.out else None
+    if args.resume and folder and not any((folder / name).is_file() for name in ("config.yaml", "checkpoint.pt")):
+        if args.overwrite:
+            raise DistilleryError(f"There is no interrupted --overwrite run to resume in {folder}; drop --resume to "
+                                  "start one.")
         raise DistilleryError(f"There is no run to resume in --out {args.out} (no config.yaml or checkpoint.pt); "
                               "check the folder, or drop --resume to start a run there.")
     if args.config:
         base = read_yaml(args.config)
         source = str(args.config)
-    elif args.resume and args.out and (Path(args.out) / "config.yaml").is_file():
-        base = read_yaml(Path(args.out) / "config.yaml")
-        source = str(Path(args.out) / "config.yaml")
+    elif args.resume and folder and (folder / "config.yaml").is_file():
+        base = read_yaml(folder / "config.yaml")
+        source = str(folder / "config.yaml")
     else:
         source = "the flags"
     flags = {name: getattr(args, name) for name in settings if getattr(args, name) is not None}
@@ -176,11 +204,42 @@ def resolve_config(args: argparse.Namespace, kind: str, settings: dict[str, str]
     return RunConfig.from_dict(values, source=source)
 
 
+@contextmanager
+def run_folder(out: str | Path, args: argparse.Namespace, marker: str, what: str,
+               inputs: Iterable[str | None] = ()) -> Iterator[Path]:
+    """The folder a run (or the demo) is written in: --out itself for a new run or a plain --resume;
+    with --overwrite the staging folder beside it, which replaces --out when the block ends normally.
+
+    A new run is refused where --out already holds one (`marker`), and, as every output folder
+    (`OutputFolder`), where --out is or holds an input or holds other files.
+    """
+    from distillery.cli_types import OutputFolder
+
+    if args.resume and not args.overwrite:  # continued in place
+        yield Path(out)
+        return
+    if not args.overwrite and (Path(out) / marker).is_file():
+        raise DistilleryError(f"--out {out} already holds a {what}; pass --resume to continue it, --overwrite to "
+                              "replace it, or choose another folder.")
+    target = OutputFolder(out, overwrite=args.overwrite, inputs=[i for i in inputs if i])
+    if not args.overwrite:
+        yield Path(out)
+        return
+    with target.staged_resumable(args.resume, main=_main_process()) as folder:
+        yield folder
+
+
 def _run_and_report(config: RunConfig, args: argparse.Namespace) -> int:
     from distillery.cli import print_json
-    from distillery.distill.trainer import run
+    from distillery.distill.trainer import CHECKPOINT_NAME, run
 
-    summary = run(config, resume=args.resume)
+    if not config.out:
+        summary = run(config)  # which says that --out is needed
+    else:
+        inputs = (config.model, config.teacher, config.student, config.data, config.tokenizer, config.teacher_cache,
+                  config.eval_sts)
+        with run_folder(config.out, args, CHECKPOINT_NAME, "run", inputs) as folder:
+            summary = run(config, resume=args.resume, folder=folder)
     if not summary.get("model"):  # not the main process of a multi-process run
         return 0
     if args.json:
@@ -236,16 +295,19 @@ def demo_command(args: argparse.Namespace) -> int:
 
     Trains a BPE tokenizer, pre-trains a small GPT-2 teacher, makes a half-depth student,
     distils it, and compares both on held-out modules: perplexity, decoding tokens/s,
-    parameters, and completions of a few prompts. Everything is left under --out.
+    parameters, and completions of a few prompts. Everything is left under --out, which a rerun
+    replaces only with --overwrite (written beside it, swapped in at the end; --overwrite --resume
+    continues an interrupted one); --resume continues an interrupted demo in place.
     """
     from distillery.cli import print_json
-    from distillery.distill.demo import DemoSettings, format_report, run_demo
+    from distillery.distill.demo import SETTINGS_NAME, DemoSettings, format_report, run_demo
 
     if args.scale <= 0:
         raise DistilleryError(f"--scale must be positive, got {args.scale}.")
     settings = DemoSettings.scaled(args.scale, out=args.out, seed=args.seed,
                                    teacher_steps=args.teacher_steps, student_steps=args.student_steps)
-    report = run_demo(settings)
+    with run_folder(args.out, args, SETTINGS_NAME, "demo") as folder:
+        report = run_demo(settings, folder=folder, resume=args.resume)
     if args.json:
         print_json(report)
     else:
