@@ -153,6 +153,17 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(pair, tmp_path, monkey
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
 
 
+def test_nonfinite_validation_loss_stops_before_saving(pair, tmp_path, monkeypatch, capsys):
+    from distillery.distill import embedding
+
+    monkeypatch.setattr(embedding, "validation_mse", lambda *args, **kwargs: float("nan"))
+    out = tmp_path / "run"
+    assert main(distill_args(pair, out, 4)) == 2  # a checkpoint at step 2, the evaluation at step 3
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "The validation loss became nan at step 3" in last and "keeps the last good step" in last
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2 and not (out / "model").exists()
+
+
 def test_refusals(pair, tmp_path, tiny_gpt2_dir, capsys):
     args = distill_args(pair, tmp_path / "r", 2)
     causal = [str(tiny_gpt2_dir) if a == str(pair / "student") else a for a in args]
