@@ -236,12 +236,15 @@ def test_glue_output_dir_alias_and_refusal(inputs, tmp_path, capsys):
     assert snapshot(out) == before
 
 
-def test_finetune_checks_its_eval_text_before_training(inputs, tmp_path, capsys):
-    (tmp_path / "short.txt").write_text(" ")
+@pytest.mark.parametrize("text, words", [(" ", "too few for a perplexity"),
+                                         ("hi", "shorter than one window of 8; use a longer file or pass --block-size")])
+def test_finetune_checks_its_eval_text_before_training(inputs, tmp_path, capsys, text, words):
+    (tmp_path / "short.txt").write_text(text)
     out = tmp_path / "ft"
     code, _, err = run(capsys, "finetune", inputs["gpt2"], "--train", inputs["text"], "--eval", tmp_path / "short.txt",
                        "--out", out, "--max-steps", 1, "--block-size", 8)
-    assert_refused(code, err, "--eval")
+    assert_refused(code, err, "--eval", words)
+    assert "loss=" not in err and "--max-length" not in err  # refused before training, naming its own option
     assert not out.exists()
 
 

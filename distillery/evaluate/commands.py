@@ -383,7 +383,7 @@ def finetune_command(args: argparse.Namespace) -> int:
     """
     from distillery.cli_types import OutputFolder
     from distillery.evaluate.finetune import CausalFinetuneSettings, finetune_causal_lm
-    from distillery.evaluate.perplexity import perplexity, read_text
+    from distillery.evaluate.perplexity import check_window, perplexity, read_text
     from distillery.models import load_model
     from distillery.models.checkpoint import write_json
     from distillery.tokenizer import load_tokenizer
@@ -395,9 +395,11 @@ def finetune_command(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=args.device)
     tokenizer = load_tokenizer(args.model)
     _note_lowered("--block-size", args.block_size, model.config.n_positions)
-    if eval_text is not None and len(tokenizer.encode(eval_text)) < 2:
-        raise DistilleryError(f"--eval {args.eval} holds fewer than 2 tokens, too few for a perplexity; pass a "
-                              "longer text.")
+    block_size = min(args.block_size, model.config.n_positions)
+    stride = args.stride or max(1, block_size // 2)  # perplexity()'s default, fixed here to check it now
+    if eval_text is not None:
+        check_window(len(tokenizer.encode(eval_text, add_special_tokens=False)), block_size, stride,
+                     model.config.n_positions, f"--eval {args.eval}", length_flag="--block-size")
     settings = CausalFinetuneSettings(epochs=args.epochs, block_size=args.block_size, batch_size=args.batch_size,
                                       learning_rate=args.lr, weight_decay=args.weight_decay,
                                       warmup_ratio=args.warmup_ratio, max_steps=args.max_steps, seed=args.seed)
@@ -405,7 +407,7 @@ def finetune_command(args: argparse.Namespace) -> int:
                               **finetune_causal_lm(model, tokenizer, train_text, settings)}
     if eval_text is not None:
         result["perplexity"] = {"data": args.eval, **perplexity(
-            model, tokenizer, eval_text, settings.block_size, args.stride, source=args.eval, progress=True)}
+            model, tokenizer, eval_text, settings.block_size, stride, source=args.eval, progress=True)}
     out = Path(args.out)
     with target.staged() as folder:
         model.save_pretrained(folder)

@@ -55,24 +55,27 @@ def sliding_windows(num_tokens: int, max_length: int, stride: int) -> list[Windo
     return windows
 
 
-def check_window(num_tokens: int, max_length: int, stride: int, model_max: int, source: str) -> None:
-    """One sentence for each way the window arguments cannot work."""
+def check_window(num_tokens: int, max_length: int, stride: int, model_max: int, source: str,
+                 length_flag: str = "--max-length") -> None:
+    """One sentence for each way the window arguments cannot work; `length_flag` is the option that
+    sets the window's length in the command at hand."""
     if max_length <= 1:
-        raise DistilleryError(f"--max-length must be at least 2 tokens, got {max_length}.")
+        raise DistilleryError(f"{length_flag} must be at least 2 tokens, got {max_length}.")
     if max_length > model_max:
         raise DistilleryError(
-            f"--max-length {max_length} exceeds the model's {model_max} positions; pass --max-length {model_max} or less."
+            f"{length_flag} {max_length} exceeds the model's {model_max} positions; pass {length_flag} {model_max} "
+            "or less."
         )
     if not 0 < stride <= max_length:
         raise DistilleryError(
-            f"--stride {stride} must be between 1 and --max-length ({max_length}); a larger stride skips tokens."
+            f"--stride {stride} must be between 1 and {length_flag} ({max_length}); a larger stride skips tokens."
         )
     if num_tokens < 2:  # one token predicts nothing (and a whitespace-only file may have none)
         raise DistilleryError(f"{source} holds {plural(num_tokens, 'token')}, too few for a perplexity; pass a longer text.")
     if num_tokens < max_length:
         raise DistilleryError(
             f"{source} is {num_tokens} tokens long, shorter than one window of {max_length}; "
-            f"use a longer file or pass --max-length {num_tokens} or less."
+            f"use a longer file or pass {length_flag} {num_tokens} or less."
         )
 
 
