@@ -67,6 +67,7 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=cli_types.positive_int, default=5, help="predictions per mask (default: 5)")
     p.add_argument("--targets", nargs="+", metavar="WORD", type=cli_types.text,
                    help="score only these words or tokens")
+    p.add_argument("--truncation", action="store_true", help="cut a text longer than the model's positions")
     _add_device_flags(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -205,7 +206,8 @@ def fill_mask_command(args: argparse.Namespace) -> int:
 
     check_device(args.device)
     unmasker = pipeline("fill-mask", model=args.model, device=args.device, dtype=args.dtype)
-    result = unmasker(args.text, top_k=args.top_k, targets=args.targets)
+    result = unmasker(args.text, top_k=args.top_k, targets=args.targets,
+                      tokenizer_kwargs={"truncation": True} if args.truncation else None)
     if args.json:
         print_json(result)
         return 0

@@ -75,7 +75,7 @@ class FeatureExtractionPipeline:
         if len(ids) > limit:
             raise DistilleryError(
                 f"The text is {len(ids)} tokens long but the model takes at most {limit}; shorten it or pass "
-                "truncation=True."
+                "truncation=True (--truncation on the command line)."
             )
         if not ids:
             raise DistilleryError("The text encodes to no tokens; feature-extraction needs at least one.")

@@ -110,7 +110,7 @@ class FillMaskPipeline:
         if len(ids) > limit:
             raise DistilleryError(
                 f"The fill-mask text is {len(ids)} tokens long but the model takes at most {limit}; shorten it "
-                "or pass tokenizer_kwargs={'truncation': True}."
+                "or pass tokenizer_kwargs={'truncation': True} (--truncation on the command line)."
             )
         if self.tokenizer.mask_token_id not in ids:
             preview = text if len(text) <= 60 else text[:57] + "..."

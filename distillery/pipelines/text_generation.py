@@ -239,7 +239,7 @@ class TextGenerationPipeline:
         elif len(ids) > positions:
             raise DistilleryError(
                 f"The prompt is {len(ids)} tokens long but the model has only {positions} positions; shorten it "
-                "or pass truncation=True to keep its end."
+                "or pass truncation=True (--truncation on the command line) to keep its end."
             )
         return torch.tensor([ids], dtype=torch.long)
 

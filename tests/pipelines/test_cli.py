@@ -185,6 +185,12 @@ def test_fill_mask_errors(capsys, roberta_dir, gpt2_dir):
     assert_one_line_error(code, err, "fill-mask needs a masked language model")
     code, _, err = run(capsys, "fill-mask", roberta_dir, "The <mask>.", "--top-k", 0)
     assert_one_line_error(code, err, "argument --top-k: must be a whole number of at least 1, not '0'.")
+    long_text = "The <mask> sat." + " word" * 70
+    code, _, err = run(capsys, "fill-mask", roberta_dir, long_text)
+    assert_one_line_error(code, err, "(--truncation on the command line)")
+    assert run(capsys, "fill-mask", roberta_dir, long_text, "--truncation")[0] == 0
+    code, _, err = run(capsys, "embed", roberta_dir, long_text)
+    assert_one_line_error(code, err, "(--truncation on the command line)")
 
 
 def test_generate_errors(capsys, gpt2_dir, roberta_dir):
