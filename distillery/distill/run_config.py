@@ -227,7 +227,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise DistilleryError(f"{path} is not valid YAML ({e}); fix the file.") from e
+        mark = getattr(e, "problem_mark", None)  # YAML's own text spans lines; one line of it is enough
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise DistilleryError(f"{path} is not valid YAML ({getattr(e, 'problem', None) or e}{where}); fix the file.") from e
     if not isinstance(values, dict):
         raise DistilleryError(f"{path} must hold a mapping of setting: value, not a {type(values).__name__}.")
     return values

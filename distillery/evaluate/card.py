@@ -72,7 +72,7 @@ def read_evals(directory: Path | None) -> dict[str, Any]:
 
 def read_source(source: str | Path) -> dict[str, Any]:
     """What a run folder or a model folder holds, for the card."""
-    import yaml
+    from distillery.distill.run_config import read_yaml
 
     source = Path(source)
     if not source.is_dir():
@@ -94,7 +94,7 @@ def read_source(source: str | Path) -> dict[str, Any]:
         if not info["metrics"]:
             raise DistilleryError(f"{source / 'metrics.jsonl'} is empty; the run logged no step.")
         if (source / "config.yaml").is_file():
-            info["config"] = yaml.safe_load((source / "config.yaml").read_text(encoding="utf-8")) or {}
+            info["config"] = read_yaml(source / "config.yaml")
         if (source / "summary.json").is_file():
             info["summary"] = _read_json(source / "summary.json")
     info["evals"] = read_evals(source / EVAL_DIR)

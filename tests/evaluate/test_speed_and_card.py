@@ -94,6 +94,18 @@ def test_card_from_a_run_without_metrics(tmp_path, tiny_gpt2_dir, capsys):
         card.read_source(tmp_path / "missing")
 
 
+@pytest.mark.parametrize("config, words", [
+    ("kind: [unclosed\n  - : :\n", "config.yaml is not valid YAML (expected ',' or ']', but got ':' at line 2"),
+    ("- a list\n", "config.yaml must hold a mapping of setting: value, not a list."),
+])
+def test_card_of_a_run_with_a_broken_config(tmp_path, tiny_gpt2_dir, capsys, config, words):
+    run = _run(tmp_path, tiny_gpt2_dir, "gpt2")
+    (run / "config.yaml").write_text(config)
+    assert main(["card", str(run), "--out", str(tmp_path / "README.md")]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1
+
+
 def test_card_shows_energy_and_glue(tmp_path, tiny_gpt2_dir):
     run = _run(tmp_path, tiny_gpt2_dir, "gpt2")
     (run / "summary.json").write_text(json.dumps({"steps": 20, "parameters": 1234, "energy": {
