@@ -404,6 +404,100 @@ def test_walk_covers_every_command(walked):
     assert len(walked) >= 300
 
 
+# ------------------------------------------------------------------------------------------------
+# Reported bad inputs the walk's values do not reach: file contents, broken checkpoints, defaults
+# that must fit a 128-position model. Each ends in one sentence with exit 2, or runs and says what
+# it changed.
+
+
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory) -> dict[str, str]:
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from distillery.tokenizer import load_tokenizer
+
+    root = tmp_path_factory.mktemp("reported")
+    paths = build_fixtures(root)
+    gpt2, roberta = Path(paths["gpt2"]), Path(paths["roberta"])
+
+    def variant(source: Path, name: str) -> Path:
+        shutil.copytree(source, root / name)
+        return root / name
+
+    for source, name in ((gpt2, "gpt2-nan"), (roberta, "roberta-nan")):
+        weights = load_file(variant(source, name) / "model.safetensors")
+        save_file({k: v.fill_(float("nan")) if v.is_floating_point() else v for k, v in weights.items()},
+                  root / name / "model.safetensors", metadata={"format": "pt"})
+    (variant(gpt2, "gpt2-genlist") / "generation_config.json").write_text("[]")
+    (variant(gpt2, "gpt2-genbad") / "generation_config.json").write_text('{"do_sample": true, "temperature": "hot"}')
+    config = json.loads((variant(gpt2, "gpt2-cfgtype") / "config.json").read_text())
+    (root / "gpt2-cfgtype" / "config.json").write_text(json.dumps({**config, "layer_norm_epsilon": "1e-5"}))
+    long = save_tiny_gpt2(root / "gpt2-128", vocab_size=load_tokenizer(gpt2).vocab_size, n_positions=128,
+                          bos_token_id=0, eos_token_id=0)
+    for file in gpt2.iterdir():
+        if file.name.startswith(("tokenizer", "vocab", "merges", "special")):
+            shutil.copy(file, long / file.name)
+    classifier = save_tiny_roberta(root / "classifier", "RobertaForSequenceClassification",
+                                   vocab_size=load_tokenizer(roberta).vocab_size, num_labels=2)
+    for file in roberta.iterdir():
+        if file.name.startswith(("tokenizer", "vocab", "merges", "special")):
+            shutil.copy(file, classifier / file.name)
+    (root / "blank.txt").write_text("   \n\n  \t\n")
+    (root / "binary.bin").write_bytes(bytes(range(256)) * 8)
+    context = "The cat sat on the mat in France."
+    for name, answer in (("past", {"text": "France", "answer_start": 500}), ("absent", {"text": "Spain", "answer_start": 3})):
+        (root / f"squad-{name}.json").write_text(json.dumps({"data": [{"title": "t", "paragraphs": [
+            {"context": context, "qas": [{"id": "q1", "question": "Where?", "answers": [answer]}]}]}]}))
+    return {**paths, **{p.name.replace("-", "_").split(".")[0]: str(p) for p in root.iterdir()}}
+
+
+REPORTED = [  # argv, exit code, words in the last line of stderr
+    (["eval", "perplexity", "{gpt2}", "--data", "{blank}"], 2, "blank.txt is 6 tokens long, shorter than one window"),
+    (["finetune", "{gpt2}", "--train", "{blank}", "--out", "{out}", "--block-size", "8"], 2, "less than one block"),
+    (["token-classification", "{roberta}", "--train", "{binary}", "--dev", "{conll}"], 2, "is not UTF-8 text"),
+    (["generate", "{gpt2}", "a\udcffb"], 2, "argument PROMPT: holds bytes that are not UTF-8 text"),
+    (["generate", "{gpt2_genlist}", "def f"], 2, "generation_config.json must hold a JSON object of settings"),
+    (["generate", "{gpt2_genbad}", "def f"], 2, "generation_config.json: temperature must be a finite number"),
+    (["info", "{gpt2_cfgtype}"], 2, "config.json: GPT2Config.layer_norm_epsilon must be a finite number"),
+    (["generate", "{gpt2_cfgtype}", "def f"], 2, "config.json: GPT2Config.layer_norm_epsilon must be a finite number"),
+    (["question-answering", "{roberta}", "--train", "{squad_past}", "--dev", "{squad}"], 2, "is not in its context"),
+    (["question-answering", "{roberta}", "--train", "{squad_absent}", "--dev", "{squad}"], 2, "is not in its context"),
+    (["fill-mask", "{classifier}", "a <mask> b"], 2, "without a masked-LM head"),
+    (["generate", "{gpt2_nan}", "def f"], 2, "holds NaN or infinite values"),
+    (["eval", "perplexity", "{gpt2_nan}", "--data", "{text}", "--json"], 2, "holds NaN or infinite values"),
+    (["fill-mask", "{roberta_nan}", "a <mask> b"], 2, "holds NaN or infinite values"),
+    (["embed", "{roberta_nan}", "hello", "--json"], 2, "holds NaN or infinite values"),
+    (["eval", "perplexity", "{gpt2}", "--data", "{folder}"], 2, "is a folder; pass a file"),
+    (["fill-mask", "{roberta}", "a <mask> b" + " word" * 70], 2, "(--truncation on the command line)"),
+    # Defaults lowered to a 128-position model, said once on stderr.
+    (["generate", "{gpt2_128}", "def f", "--greedy"], 0, "note: generating at most 126 new tokens"),
+    (["bench", "{gpt2_128}", "--no-reference", "--new-tokens", "2", "--prompt-tokens", "2", "--repeats", "1",
+      "--batch", "1"], 0, "measuring a 8x128 forward"),
+    (["eval", "speed", "{gpt2_128}", "{gpt2_128}", "--batch-size", "1", "--seq-len", "8", "--new-tokens", "1000",
+      "--repeats", "1"], 0, "decodes 112 new tokens"),
+]
+
+
+@pytest.mark.parametrize("argv, code, words", REPORTED, ids=[" ".join(a[:2]) + f" #{i}" for i, (a, _, _) in
+                                                             enumerate(REPORTED)])
+def test_reported_bad_inputs(reported, tmp_path, capsys, argv, code, words):
+    assert main([a.format(**reported, out=tmp_path / "out") for a in argv]) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "note:" in line or ": error: " in line]
+    assert lines and words in (lines[0] if code == 0 else lines[-1]), err[-500:]
+
+
+def test_a_yaml_number_in_exponent_form_is_a_number(tmp_path):
+    """YAML 1.1 reads `lr: 1e-3` as text; the run reads it as the number it means."""
+    from distillery.distill.run_config import RunConfig
+
+    (tmp_path / "run.yaml").write_text("lr: 1e-3\nmax_steps: 10\n")
+    assert RunConfig.from_yaml(tmp_path / "run.yaml").lr == 1e-3
+
+
 if __name__ == "__main__":
     import tempfile
 
