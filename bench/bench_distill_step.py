@@ -7,7 +7,9 @@ Every configuration runs in a process of its own, so that its peak memory is its
   runs) with the losses on full logits (`--no-chunked-loss`);
 - chunked: the vocabulary head and losses chunk by chunk (the default);
 - chunked + int8 teacher (`--teacher-dtype int8`; on a GPU bf16 instead);
-- chunked + compiled (`--compile`).
+- chunked + compiled (`--compile`);
+- from the teacher cache (`distillery teacher-cache`, top-64, then `distill --teacher-cache`): the
+  teacher runs once, offline, before the timed run (its build time is printed apart).
 Same random weights (dropout 0), same batches (the trainer's data generator over books from
 ../shared/data, GPT-2's tokenizer), fp32 on a CPU. Tokens/s is the median step after the warm-up
 steps (the first step of a compiled run compiles); peak memory is the process's peak RSS (models,
@@ -51,6 +53,8 @@ SHAPES = {
     "gpt2": dict(n_layer=12, n_embd=768, n_head=12, batch_size=8, seq_len=256),
     "tiny": dict(n_layer=2, n_embd=64, n_head=2, batch_size=2, seq_len=32),
 }
+CACHE = "<the shape's teacher cache>"  # replaced by the cache's path once it is built
+CACHE_TOP_K = 64
 # name: trainer settings (None: the transformers reference)
 CONFIGS = {
     "transformers": None,
@@ -59,6 +63,7 @@ CONFIGS = {
     "chunked+int8": dict(chunked_loss=True, teacher_dtype="int8"),
     "chunked+bf16": dict(chunked_loss=True, teacher_dtype="bf16"),
     "chunked+compile": dict(chunked_loss=True, compile=True),
+    "cache": dict(chunked_loss=True, teacher_cache=CACHE),
 }
 MEMORY_LIMIT = 24 * 2**30
 MEMORY_BATCH = (32, 1024)
@@ -120,10 +125,12 @@ def run_distillery(spec: dict) -> dict:
     from distillery.distill.trainer import run
 
     steps = spec["warmup"] + spec["steps"]
-    config = RunConfig(kind="distill", teacher=spec["teacher"], student=spec["student"], data=spec["data"],
+    settings = dict(spec["settings"])
+    teacher = None if settings.get("teacher_cache") else spec["teacher"]  # a cache replaces the teacher
+    config = RunConfig(kind="distill", teacher=teacher, student=spec["student"], data=spec["data"],
                        out=spec["out"], max_steps=steps, batch_size=spec["batch_size"], seq_len=spec["seq_len"],
                        warmup_steps=1, eval_every=steps, save_every=steps, log_every=1, eval_batches=1, plot=False,
-                       device=spec["device"], precision="fp32", **spec["settings"])
+                       device=spec["device"], precision="fp32", **settings)
     run(config, progress=False)
     records = [json.loads(line) for line in (Path(spec["out"]) / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "loss" in r]
@@ -237,7 +244,7 @@ def main() -> None:
 
     cheap = "chunked+int8" if args.device == "cpu" else "chunked+bf16"
     names = args.configs.split(",") if args.configs else \
-        ["transformers", "plain", "chunked", cheap, "chunked+compile"]
+        ["transformers", "plain", "chunked", cheap, "chunked+compile", "cache"]
     unknown = [n for n in names if n not in CONFIGS] + [s for s in args.shapes.split(",") if s not in SHAPES]
     if unknown:
         sys.exit(f"unknown configuration or shape {', '.join(unknown)}")
@@ -251,8 +258,12 @@ def main() -> None:
             for name in names:
                 out = workdir / "runs" / f"{shape_name}-{name}"
                 shutil.rmtree(out, ignore_errors=True)
+                settings = CONFIGS[name]
+                if settings and settings.get("teacher_cache") == CACHE:
+                    settings = {**settings, "teacher_cache": build_teacher_cache(workdir, shape_name, shape, paths,
+                                                                                 args.warmup + args.steps, args.device)}
                 spec = {**paths, **shape, "device": args.device, "steps": args.steps, "warmup": args.warmup,
-                        "out": str(out), "settings": CONFIGS[name]}
+                        "out": str(out), "settings": settings}
                 rows[name] = r = launch(spec)
                 if r.get("ok"):
                     timed = r["step_seconds"][args.warmup:] or r["step_seconds"]
@@ -268,6 +279,21 @@ def main() -> None:
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def build_teacher_cache(workdir: Path, shape_name: str, shape: dict, paths: dict, steps: int, device: str) -> str:
+    """The teacher's top-k over as many training windows as the run reads (`distillery teacher-cache`),
+    built once per shape and outside the timed run: the teacher runs offline."""
+    from distillery.distill.teacher_cache import build_cache
+
+    out = workdir / f"cache-{shape_name}"
+    started = time.perf_counter()
+    summary = build_cache(paths["teacher"], paths["data"], out, CACHE_TOP_K, seq_len=shape["seq_len"],
+                          windows=steps * shape["batch_size"], batch_size=shape["batch_size"], device=device,
+                          overwrite=True, progress=False)
+    print(f"  {shape_name} teacher cache: top-{CACHE_TOP_K}, {summary.get('windows', '?')} windows, "
+          f"built in {time.perf_counter() - started:.0f} s (not timed below)", flush=True)
+    return str(out)
 
 
 def memory_check(workdir: Path, args: argparse.Namespace) -> None:

@@ -2,8 +2,9 @@
 
 Each check a run could fail at the end (a validation split without a window, a sequence length past
 the model's positions, a run folder that cannot be written, matplotlib missing for the plot) is
-made before step 1; an error in an evaluation (the final one included), a validation loss that is
-not finite, or an interrupt, keeps the last checkpoint and writes no final model.
+made before step 1; an error in the final evaluation loses nothing (the final model is written
+before it); a validation loss that is not finite stops the run before a checkpoint of those weights;
+an interrupt keeps the last checkpoint.
 """
 
 from __future__ import annotations
@@ -116,8 +117,7 @@ def test_missing_matplotlib_is_one_line_and_no_plot(setup, tmp_path, monkeypatch
     assert not (tmp_path / "run" / "loss.png").exists()
 
 
-def test_error_in_the_final_evaluation_keeps_the_last_checkpoint(setup, tmp_path, monkeypatch, capsys):
-    # The last step is evaluated before its checkpoint and the final model are written.
+def test_error_in_the_final_evaluation_loses_nothing(setup, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     evaluate = trainer.evaluate_loss
 
@@ -128,20 +128,21 @@ def test_error_in_the_final_evaluation_keeps_the_last_checkpoint(setup, tmp_path
     with pytest.raises(RuntimeError, match="evaluation broke"):
         run(config(setup, out), progress=False)
     assert "checkpoint.pt keeps the last checkpoint; rerun with --resume" in capsys.readouterr().err
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
-    assert not (out / "model").exists() and not (out / "summary.json").exists()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4
+    assert (out / "model" / "model.safetensors").is_file()
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["steps"] == 4 and "train_loss" in saved and "val_loss" not in saved
 
     monkeypatch.setattr(trainer, "evaluate_loss", evaluate)
-    summary = run(config(setup, out), resume=True, progress=False)  # steps 3 and 4 again, then the evaluation
+    summary = run(config(setup, out), resume=True, progress=False)  # only the evaluation is left to do
     assert summary["steps"] == 4 and math.isfinite(summary["val_loss"])
     assert [r["step"] for r in records(out) if "val_loss" in r] == [4]
     assert json.loads((out / "summary.json").read_text())["val_loss"] == summary["val_loss"]
-    assert (out / "model" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("bad_step, kept", [(2, "nothing was saved yet"), (4, "keeps the last good step")])
-def test_nonfinite_validation_loss_stops_before_saving(setup, tmp_path, monkeypatch, capsys, bad_step, kept):
-    # Evaluations at steps 2 and 4 (the final one), checkpoints after them.
+@pytest.mark.parametrize("bad_step", [2, 4])
+def test_nonfinite_validation_loss_stops_the_run(setup, tmp_path, monkeypatch, capsys, bad_step):
+    # Evaluations at steps 2 and 4; a checkpoint after step 2's, and the final model before step 4's.
     out = tmp_path / "run"
     evaluate = trainer.evaluate_loss
 
@@ -157,12 +158,14 @@ def test_nonfinite_validation_loss_stops_before_saving(setup, tmp_path, monkeypa
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
     assert code == 2 and last.startswith("distillery distill: error: The validation loss became nan at step "
                                          f"{bad_step} (")
-    assert f"{kept}); lower --lr (now" in last
-    assert not (out / "model").exists() and not (out / "summary.json").exists()
-    if bad_step == 2:
-        assert not (out / "checkpoint.pt").exists()
-    else:
-        assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert "); lower --lr (now" in last
+    if bad_step == 2:  # stopped before a checkpoint of those weights
+        assert "nothing was saved yet" in last
+        assert not (out / "checkpoint.pt").exists() and not (out / "model").exists()
+    else:  # the finished steps are kept: their weights are finite
+        assert f"the weights of that step, all finite, are in {out / 'model'}" in last
+        assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4
+        assert "val_loss" not in json.loads((out / "summary.json").read_text())
 
 
 def test_interrupt_mid_run_keeps_the_last_checkpoint(setup, tmp_path, monkeypatch, capsys):
