@@ -18,6 +18,13 @@ p_s = softmax(s / T), p_t = softmax(t / T), m = beta p_t + (1 - beta) p_s:
     reverse KL (`reverse_kl`)         T^2 KL(p_s || p_t)           T p_s * (log p_s - log p_t - KL(p_s || p_t))
     gJSD (`generalized_jsd`)          T^2 JSD_beta(p_t, p_s)       T (1 - beta) p_s * (log p_s - log m - KL(p_s || m))
     logits MSE (`logits_mse`)         mean_v (s_v - t_v)^2         2 (s - t) / V
+    sparse KD (`sparse_kd_loss`)      T^2 KL(q_t || q_s)           g_b(v) p_v / P_b(v)
+
+The sparse KD is against a teacher cache's top k: q = softmax(log P / T) over k + 1 buckets (the
+k stored ids, then every other token), P_j the bucket's probability at T = 1 (teacher: stored;
+student: p = softmax(s)), b(v) the bucket of token v and g = T (q_s - q_t). Because sum_j g_j = 0,
+the -p_v part of d log P_j / d s_v cancels: an id's gradient is its g_j, the rest share g_tail in
+proportion to p_v.
 
 Each term is the mean over its positions (targets != -100 for the LM loss, `kd_rows` for the soft
 targets and the MSE), 0 where none count; the gradient is that of sum_k weight_k * term_k, with
@@ -37,7 +44,8 @@ from torch import nn
 from distillery.distill.losses import IGNORE_INDEX
 
 TERMS = ("lm", "kd", "mse")
-KD_LOSSES = ("forward_kl", "reverse_kl", "gjsd")
+KD_LOSSES = ("forward_kl", "reverse_kl", "gjsd", "sparse")  # sparse: against a teacher cache's top k
+TINY = 1e-30  # the floor of the student's tail mass, whose log the sparse KD takes
 # Positions per chunk. Measured on the 2-core CPU (shared, so noisy), the chunked head and losses
 # (forward KL + LM) of 1024 positions 256 wide over GPT-2's vocabulary, forward and backward: full
 # logits 8.0 s, chunks of 64 / 128 / 256 / 512 / 1024 positions 3.7 / 3.6 / 4.0 / 4.4 / 4.5 s (one
@@ -69,7 +77,12 @@ class VocabLosses:
 
     @property
     def needs_teacher(self) -> bool:
-        return "kd" in self.weights or "mse" in self.weights
+        """Whether the teacher's logits are needed (the sparse KD reads stored targets instead)."""
+        return ("kd" in self.weights and self.kd_loss != "sparse") or "mse" in self.weights
+
+    @property
+    def needs_sparse_targets(self) -> bool:
+        return "kd" in self.weights and self.kd_loss == "sparse"
 
 
 def fused_vocab_losses(
@@ -81,6 +94,7 @@ def fused_vocab_losses(
     teacher_hidden: torch.Tensor | None = None,
     teacher_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
     kd_rows: torch.Tensor | None = None,
+    sparse_targets: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The student's head and the vocabulary losses over chunks of positions.
 
@@ -88,7 +102,8 @@ def fused_vocab_losses(
     head's. targets (N,): the LM targets, -100 where none. teacher_hidden (N, C_t) and
     teacher_head (a module or function of a (n, C_t) chunk -> (n, V) logits) when `spec` has a
     soft-target term; the teacher's logits are made per chunk, without gradient. kd_rows (N,)
-    bool: the positions the soft targets cover (None: all).
+    bool: the positions the soft targets cover (None: all). sparse_targets, for kd_loss "sparse": a
+    teacher cache's (ids (N, k), log-probs (N, k), tail (N,)), as `teacher_cache.sparse_kd_loss` takes.
 
     Returns (total, terms): total = sum_k spec.weights[k] * terms[k], differentiable with respect
     to hidden, weight and bias; terms, each the mean over its positions, detached.
@@ -99,23 +114,25 @@ def fused_vocab_losses(
     if spec.needs_teacher:
         assert teacher_hidden is not None and teacher_head is not None
         assert teacher_hidden.shape[0] == hidden.shape[0], (teacher_hidden.shape, hidden.shape)
+    if spec.needs_sparse_targets:
+        assert sparse_targets is not None and sparse_targets[0].shape[0] == hidden.shape[0]
     inputs = (hidden, weight) + ((bias,) if bias is not None else ())
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         total, values = _FusedVocabLosses.apply(hidden, weight, bias, targets, teacher_hidden, teacher_head,
-                                                kd_rows, spec)
+                                                kd_rows, sparse_targets, spec)
     else:  # evaluation: the values alone, no gradient work
         with torch.no_grad():
-            values, _ = _chunked(hidden, weight, bias, targets, teacher_hidden, teacher_head, kd_rows, spec,
-                                 want_grads=False)
+            values, _ = _chunked(hidden, weight, bias, targets, teacher_hidden, teacher_head, kd_rows,
+                                 sparse_targets, spec, want_grads=False)
         total = sum(spec.weights[k] * values[i] for i, k in enumerate(_wanted(spec)))
     return total, {k: values[i].detach() for i, k in enumerate(_wanted(spec))}
 
 
 class _FusedVocabLosses(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, teacher_hidden, teacher_head, kd_rows, spec):
-        values, grads = _chunked(hidden, weight, bias, targets, teacher_hidden, teacher_head, kd_rows, spec,
-                                 want_grads=True)
+    def forward(ctx, hidden, weight, bias, targets, teacher_hidden, teacher_head, kd_rows, sparse_targets, spec):
+        values, grads = _chunked(hidden, weight, bias, targets, teacher_hidden, teacher_head, kd_rows,
+                                 sparse_targets, spec, want_grads=True)
         ctx.save_for_backward(*grads)
         ctx.has_bias = bias is not None
         total = sum(spec.weights[k] * values[i] for i, k in enumerate(_wanted(spec)))
@@ -132,15 +149,15 @@ class _FusedVocabLosses(torch.autograd.Function):
         if grad_total.item() != 1.0:
             grad_hidden, grad_weight = grad_hidden * grad_total, grad_weight * grad_total
             grad_bias = grad_bias * grad_total if grad_bias is not None else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def _wanted(spec: VocabLosses) -> list[str]:
     return [k for k in TERMS if k in spec.weights]
 
 
-def _chunked(hidden, weight, bias, targets, teacher_hidden, teacher_head, kd_rows, spec: VocabLosses,
-             want_grads: bool):
+def _chunked(hidden, weight, bias, targets, teacher_hidden, teacher_head, kd_rows, sparse_targets,
+             spec: VocabLosses, want_grads: bool):
     """(values (K,), (dL/dhidden, dL/dweight, dL/dbias) or ()) over chunks of rows."""
     N, V = hidden.size(0), weight.size(0)
     wanted = _wanted(spec)
@@ -188,7 +205,8 @@ def _chunked(hidden, weight, bias, targets, teacher_hidden, teacher_head, kd_row
                 t = _linear_into(work[1], t_in.to(dtype), t_weight, t_bias) if t_linear \
                     else work[1].copy_(teacher_head(t_in))
             kd = kd_rows[rows] if kd_rows is not None else None
-            chunk_sums, grad = chunk_losses(s, t, targets[rows], kd, spec, scales, want_grads, work)
+            sparse = tuple(x[rows] for x in sparse_targets) if sparse_targets is not None else None
+            chunk_sums, grad = chunk_losses(s, t, targets[rows], kd, spec, scales, want_grads, work, sparse)
             sums += torch.stack([chunk_sums[k] for k in wanted])
             if want_grads:
                 grad, h = grad.to(grad_dtype), h.to(grad_dtype)
@@ -222,11 +240,14 @@ def chunk_losses(
     scales: dict[str, float],
     want_grad: bool = True,
     work: list[torch.Tensor] | None = None,
+    sparse: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """One chunk: each term's sum over its rows, and d(sum_k scales[k] * sum_k)/ds (module docstring).
 
-    s, t: (n, V) float32 student and teacher logits, overwritten; targets (n,); kd_rows (n,) bool
-    or None. `work`: (n, V) float32 buffers to compute in, s and t first (fresh ones if None).
+    s, t: (n, V) float32 student and teacher logits, overwritten (t None and its buffer free for a
+    sparse KD); targets (n,); kd_rows (n,) bool or None; sparse: the chunk's stored top-k targets
+    (ids, log-probs, tail). `work`: (n, V) float32 buffers to compute in, s and t first (fresh ones
+    if None).
     Returns the sums and the gradient (None without `want_grad`), which lives in one of the buffers.
     """
     n, V = s.shape
@@ -253,21 +274,39 @@ def chunk_losses(
     def kd_scale(scale: float) -> torch.Tensor:
         return kd_weight * scale if kd_weight is not None else torch.full((n,), scale, device=s.device)
 
+    sparse_kd = "kd" in scales and spec.kd_loss == "sparse"
+    if "lm" in scales or sparse_kd:
+        log_p = torch.log_softmax(s, dim=-1, out=a)  # at T = 1, for both
     if "lm" in scales:
         keep = targets != IGNORE_INDEX
         y = targets.clamp(min=0).unsqueeze(1)
-        log_p = torch.log_softmax(s, dim=-1, out=a)
         sums["lm"] = -(log_p.gather(1, y).squeeze(1) * keep).sum()
-        if want_grad and scales["lm"] != 0:
-            p = log_p.exp_()
-            p.scatter_add_(1, y, p.new_full((n, 1), -1.0))  # softmax(s) - onehot(y)
-            accumulate(p, keep.float() * scales["lm"])
+    if sparse_kd:  # before the LM gradient, which overwrites p
+        ids, l_t, tail_t = sparse
+        ids = ids.long()
+        z_ids = log_p.gather(1, ids)
+        p = log_p.exp_()
+        rest = t if t is not None else work[1]  # the teacher's buffer: no teacher logits here
+        rest.copy_(p).scatter_(1, ids, 0.0)
+        p_tail = rest.sum(-1).clamp_min_(TINY)
+        log_q_s = torch.log_softmax(torch.cat([z_ids, p_tail.log()[:, None]], dim=-1) / T, dim=-1)
+        log_q_t = torch.log_softmax(torch.cat([l_t.float(), tail_t.float()[:, None]], dim=-1) / T, dim=-1)
+        q_t = log_q_t.exp()
+        sums["kd"] = T**2 * kd_sum((q_t * (log_q_t - log_q_s)).masked_fill(q_t == 0, 0.0).sum(-1))
+        if want_grad and scales["kd"] != 0:
+            g = T * (log_q_s.exp() - q_t)
+            rest.mul_((g[:, -1] / p_tail).unsqueeze(1)).scatter_(1, ids, g[:, :-1])
+            accumulate(rest, kd_scale(scales["kd"]))
+    if "lm" in scales and want_grad and scales["lm"] != 0:
+        p = log_p if sparse_kd else log_p.exp_()  # the sparse KD has taken the exp already
+        p.scatter_add_(1, y, p.new_full((n, 1), -1.0))  # softmax(s) - onehot(y)
+        accumulate(p, keep.float() * scales["lm"])
     if "mse" in scales:
         diff = torch.sub(s, t, out=a)
         sums["mse"] = kd_sum(torch.linalg.vecdot(diff, diff) / V)
         if want_grad and scales["mse"] != 0:
             accumulate(diff, kd_scale(2.0 * scales["mse"] / V))
-    if "kd" in scales:
+    if "kd" in scales and not sparse_kd:
         log_p_s = torch.log_softmax(s.div_(T), dim=-1, out=a)
         log_p_t = torch.log_softmax(t.div_(T), dim=-1, out=s)  # s and t are free from here on
         beta = {"forward_kl": 0.0, "reverse_kl": 1.0, "gjsd": spec.beta}[spec.kd_loss]

@@ -44,10 +44,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from distillery.distill.losses import IGNORE_INDEX
 from distillery.models.common import DistilleryError
 
 FORMAT = "distillery-teacher-cache"
@@ -108,33 +105,6 @@ def sparse_kd_rows(s: torch.Tensor, ids: torch.Tensor, l_t: torch.Tensor, tail_t
     log_q_s = torch.log_softmax(a_s / temperature, dim=-1)
     q_t = log_q_t.exp()
     return (q_t * (log_q_t - log_q_s)).masked_fill(q_t == 0, 0.0).sum(-1)
-
-
-def chunked_cached_losses(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, cached: CachedTargets,
-                          temperature: float, chunk_size: int, kd: bool = True) -> dict[str, torch.Tensor]:
-    """{"lm": causal LM loss, "kd": sparse_kd_loss} from the student's vocabulary head, `chunk_size`
-    positions at a time. Each chunk's logits are made in the forward and again in the backward
-    (activation checkpointing), so no more than one chunk's (chunk x V) logits exist at once; the
-    values are those of the losses on full logits. hidden (B, T, C), targets (B, T)."""
-    from torch.utils.checkpoint import checkpoint
-
-    h, y = hidden.flatten(0, -2), targets.flatten()
-    k = cached.ids.size(-1)
-    ids, l_t, tail = cached.ids.reshape(-1, k), cached.logprobs.reshape(-1, k), cached.tail.reshape(-1)
-
-    def chunk_sums(h, y, ids, l_t, tail):
-        logits = head(h).float()
-        sums = [F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")]
-        if kd:
-            sums.append(temperature**2 * sparse_kd_rows(logits, ids, l_t, tail, temperature).sum())
-        return torch.stack(sums)
-
-    sums = sum(checkpoint(chunk_sums, *(x[i:i + chunk_size] for x in (h, y, ids, l_t, tail)), use_reentrant=False)
-               for i in range(0, h.size(0), chunk_size))
-    terms = {"lm": sums[0] / max(int(y.ne(IGNORE_INDEX).sum()), 1)}
-    if kd:
-        terms["kd"] = sums[1] / max(h.size(0), 1)
-    return terms
 
 
 # ----------------------------------------------------------------------------------------------

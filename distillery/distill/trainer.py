@@ -489,29 +489,37 @@ def cached_batch_loss(model: nn.Module, cached, batch: Batch, config: RunConfig,
                       scales: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`batch_loss` against a teacher cache: hard LM loss, `sparse_kd_loss` over the stored top-k ids
     and, if the cache holds them, the cosine to the teacher's last hidden states. With
-    `config.chunked_loss` the head and both losses run over chunks of positions (recomputed in the
-    backward), otherwise on full logits; the same numbers either way."""
-    from distillery.distill.teacher_cache import chunked_cached_losses, sparse_kd_loss
+    `config.chunked_loss` the head and both losses run fused over chunks of positions (the sparse
+    KD's gradient in closed form, `chunked_losses.py`), otherwise on full logits; the same numbers
+    either way."""
+    from distillery.distill.teacher_cache import sparse_kd_loss
 
     want_hidden = config.alpha_cos > 0
     s = forward_lm(model, batch, True, want_hidden, None, logits=not config.chunked_loss)
     if config.chunked_loss:
-        student = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-        student = getattr(student, "_orig_mod", student)  # under torch.compile
-        terms = chunked_cached_losses(student.get_submodule(student.vocabulary_head), s.head_input, batch.targets,
-                                      cached, config.temperature, config.loss_chunk_size, kd=config.alpha_ce > 0)
+        names = ["lm"] + (["kd"] if config.alpha_ce > 0 else [])
+        spec = VocabLosses({k: scales[k] for k in names}, "sparse", config.temperature,
+                           chunk_size=config.loss_chunk_size)
+        k = cached.ids.size(-1)
+        sparse = (cached.ids.reshape(-1, k), cached.logprobs.reshape(-1, k), cached.tail.reshape(-1))
+        loss, terms = vocab_losses(model, s.head_input, batch.targets, spec, sparse_targets=sparse)
     else:
         terms = {"lm": losses.causal_lm_loss(s.logits, batch.targets)}
         if config.alpha_ce > 0:
             terms["kd"] = sparse_kd_loss(s.logits, cached.ids, cached.logprobs, cached.tail, config.temperature)
+        loss = sum(scales[k] * v for k, v in terms.items())
+        terms = {k: v.detach() for k, v in terms.items()}
     if want_hidden:
-        terms["cos"] = losses.hidden_cosine_loss(s.hidden_states[-1], cached.hidden)
-    return sum(scales[k] * v for k, v in terms.items()), {k: v.detach() for k, v in terms.items()}
+        cos = losses.hidden_cosine_loss(s.hidden_states[-1], cached.hidden)
+        loss = loss + scales["cos"] * cos
+        terms["cos"] = cos.detach()
+    return loss, terms
 
 
 def vocab_losses(model: nn.Module, head_input: torch.Tensor, targets: torch.Tensor, spec: VocabLosses,
                  teacher: nn.Module | None = None, teacher_head_input: torch.Tensor | None = None,
-                 kd_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 kd_rows: torch.Tensor | None = None, sparse_targets: tuple[torch.Tensor, ...] | None = None,
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`fused_vocab_losses` on the models' vocabulary heads, positions flattened."""
     student = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     student = getattr(student, "_orig_mod", student)  # under torch.compile
@@ -519,7 +527,7 @@ def vocab_losses(model: nn.Module, head_input: torch.Tensor, targets: torch.Tens
     teacher_head = teacher.get_submodule(teacher.vocabulary_head) if teacher is not None else None
     flat = teacher_head_input.flatten(0, -2) if teacher_head_input is not None else None
     return fused_vocab_losses(head_input.flatten(0, -2), head.weight, head.bias, targets.flatten(), spec, flat,
-                              teacher_head, kd_rows.flatten() if kd_rows is not None else None)
+                              teacher_head, kd_rows.flatten() if kd_rows is not None else None, sparse_targets)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None,

@@ -98,26 +98,30 @@ def test_float16_log_probs_cost_little():
     assert abs(float(full - half)) < 1e-3
 
 
-def test_chunked_cached_losses_equal_the_plain_ones_with_their_gradients():
+@pytest.mark.parametrize("temperature, k", [(2.0, 6), (1.0, 1), (0.5, 50)])
+def test_fused_sparse_kd_equals_the_plain_one_with_its_gradients(temperature, k):
     from torch import nn
 
-    from distillery.distill.teacher_cache import CachedTargets, chunked_cached_losses
+    from distillery.distill.chunked_losses import VocabLosses, fused_vocab_losses
 
     torch.manual_seed(4)
     head = nn.Linear(8, 50, bias=False)
     hidden = torch.randn(2, 7, 8, requires_grad=True)
     targets = torch.randint(0, 50, (2, 7))
     targets[0, 3] = -100
-    ids, logprobs, tail = top_k_of(torch.randn(2, 7, 50) * 3, 6)
-    cached = CachedTargets(ids, logprobs.half(), tail, None)
+    ids, logprobs, tail = top_k_of(torch.randn(2, 7, 50) * 3, k)  # k = 50: every id, an empty tail
     logits = head(hidden)
-    plain = {"lm": losses.causal_lm_loss(logits, targets), "kd": sparse_kd_loss(logits, ids, logprobs.half(), tail, 2.0)}
-    chunked = chunked_cached_losses(head, hidden, targets, cached, 2.0, chunk_size=4)
+    plain = {"lm": losses.causal_lm_loss(logits, targets),
+             "kd": sparse_kd_loss(logits, ids, logprobs.half(), tail, temperature)}
+    spec = VocabLosses({"lm": 1.0, "kd": 3.0}, "sparse", temperature, chunk_size=4)
+    sparse = (ids.reshape(-1, k), logprobs.half().reshape(-1, k), tail.reshape(-1))
+    total, fused = fused_vocab_losses(hidden.flatten(0, 1), head.weight, None, targets.flatten(), spec,
+                                      sparse_targets=sparse)
     for name in ("lm", "kd"):
-        torch.testing.assert_close(chunked[name], plain[name])
+        torch.testing.assert_close(fused[name], plain[name].detach(), atol=1e-6, rtol=1e-5)
     wanted = (hidden, head.weight)
-    torch.testing.assert_close(torch.autograd.grad(chunked["lm"] + 3 * chunked["kd"], wanted),
-                               torch.autograd.grad(plain["lm"] + 3 * plain["kd"], wanted))
+    torch.testing.assert_close(torch.autograd.grad(total, wanted),
+                               torch.autograd.grad(plain["lm"] + 3 * plain["kd"], wanted), atol=1e-6, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
