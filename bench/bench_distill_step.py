@@ -6,10 +6,13 @@ Every configuration runs in a process of its own, so that its peak memory is its
 - distillery plain: the trainer's loop (`distillery.distill.trainer.run`, what `distillery distill`
   runs) with the losses on full logits (`--no-chunked-loss`);
 - chunked: the vocabulary head and losses chunk by chunk (the default);
-- chunked + int8 teacher (`--teacher-dtype int8`; on a GPU bf16 instead);
+- chunked + int8 teacher (`--teacher-dtype int8`, CPU only) and chunked + bf16 teacher;
 - chunked + compiled (`--compile`);
 - from the teacher cache (`distillery teacher-cache --top-k 64 --hidden`, then `distill --teacher-cache`): the
-  teacher runs once, offline, before the timed run (its build time is printed apart).
+  teacher runs once, offline, before the timed run (its build time is printed apart);
+- bf16: the student under bf16 autocast and a bf16 teacher (`--precision bf16 --teacher-dtype bf16`),
+  against the reference under the same autocast ("transformers+bf16"), and from the cache under
+  bf16 autocast ("cache+bf16"); every other row is fp32.
 Same random weights (dropout 0), same batches (the trainer's data generator over books from
 ../shared/data, GPT-2's tokenizer), fp32 on a CPU. Tokens/s is the median step after the warm-up
 steps (the first step of a compiled run compiles); peak memory is the process's peak RSS (models,
@@ -57,13 +60,18 @@ CACHE = "<the shape's teacher cache>"  # replaced by the cache's path once it is
 CACHE_TOP_K = 64
 # name: trainer settings (None: the transformers reference)
 CONFIGS = {
-    "transformers": None,
+    "transformers": {"reference": True},
     "plain": dict(chunked_loss=False),
     "chunked": dict(chunked_loss=True),
     "chunked+int8": dict(chunked_loss=True, teacher_dtype="int8"),
     "chunked+bf16": dict(chunked_loss=True, teacher_dtype="bf16"),
     "chunked+compile": dict(chunked_loss=True, compile=True),
     "cache": dict(chunked_loss=True, teacher_cache=CACHE),
+    # bf16 products (AVX512-BF16 or AMX on a CPU): the student under autocast, the teacher in bf16;
+    # compared with the reference under the same autocast.
+    "transformers+bf16": {"reference": True, "autocast": "bf16"},
+    "bf16": dict(chunked_loss=True, precision="bf16", teacher_dtype="bf16"),
+    "cache+bf16": dict(chunked_loss=True, teacher_cache=CACHE, precision="bf16"),
 }
 MEMORY_LIMIT = 24 * 2**30
 MEMORY_BATCH = (32, 1024)
@@ -111,7 +119,7 @@ def run_child(spec: dict) -> dict:
     if spec.get("memory_limit"):
         resource.setrlimit(resource.RLIMIT_AS, (spec["memory_limit"], spec["memory_limit"]))
     try:
-        result = run_reference(spec) if spec["settings"] is None else run_distillery(spec)
+        result = run_reference(spec) if spec["settings"].get("reference") else run_distillery(spec)
         result["ok"] = True
     except (MemoryError, RuntimeError) as e:  # out of memory under the limit, most likely
         result = {"ok": False, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"}
@@ -127,10 +135,11 @@ def run_distillery(spec: dict) -> dict:
     steps = spec["warmup"] + spec["steps"]
     settings = dict(spec["settings"])
     teacher = None if settings.get("teacher_cache") else spec["teacher"]  # a cache replaces the teacher
+    settings = {"precision": "fp32", **settings}
     config = RunConfig(kind="distill", teacher=teacher, student=spec["student"], data=spec["data"],
                        out=spec["out"], max_steps=steps, batch_size=spec["batch_size"], seq_len=spec["seq_len"],
                        warmup_steps=1, eval_every=steps, save_every=steps, log_every=1, eval_batches=1, plot=False,
-                       device=spec["device"], precision="fp32", **settings)
+                       device=spec["device"], **settings)
     run(config, progress=False)
     records = [json.loads(line) for line in (Path(spec["out"]) / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "loss" in r]
@@ -151,6 +160,7 @@ def run_reference(spec: dict) -> dict:
 
     device = torch.device(spec["device"])
     config = RunConfig()
+    autocast = spec["settings"].get("autocast") == "bf16"
     teacher = transformers.GPT2LMHeadModel.from_pretrained(spec["teacher"]).to(device).eval().requires_grad_(False)
     student = transformers.GPT2LMHeadModel.from_pretrained(spec["student"]).to(device).train()
     optimizer = make_optimizer(student, config)
@@ -160,7 +170,8 @@ def run_reference(spec: dict) -> dict:
     for _ in range(spec["warmup"] + spec["steps"]):
         ids = data.batch(spec["batch_size"], spec["seq_len"], generator).to(device)
         started = time.perf_counter()
-        loss = reference_step(teacher, student, optimizer, ids, config)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = reference_step(teacher, student, optimizer, ids, config)
         if device.type == "cuda":
             torch.cuda.synchronize()
         step_seconds.append(time.perf_counter() - started)
@@ -211,22 +222,24 @@ def table(title: str, rows: dict[str, dict], tokens: int, warmup: int) -> None:
     print(f"\n{title}")
     print(f"  {'configuration':<17} {'tokens/s':>9} {'x ref':>6} {'peak RSS':>10} {'x ref':>6} "
           f"{'first loss':>11} {'rel. diff':>10}")
-    ref = rows.get("transformers", {})
-    ref_speed = ref.get("tokens_per_s")
     for name, r in rows.items():
+        # Each row against the reference of its precision.
+        bf16 = CONFIGS[name].get("precision") == "bf16" or CONFIGS[name].get("autocast") == "bf16"
+        ref = rows.get("transformers+bf16" if bf16 else "transformers", {})
+        ref_speed = ref.get("tokens_per_s")
         if not r.get("ok"):
             print(f"  {name:<17} failed: {r.get('error')}")
             continue
         speed = r["tokens_per_s"]
         ratio = f"{speed / ref_speed:.2f}" if ref_speed else "-"
         mem_ratio = f"{r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}" if ref.get("ok") else "-"
-        same_loss = not (CONFIGS.get(name) or {}).get("teacher_cache")  # the cache's KD is the sparse one
+        same_loss = not CONFIGS[name].get("teacher_cache")  # the cache's KD is the sparse one
         diff = f"{abs(r['first_loss'] - ref['first_loss']) / abs(ref['first_loss']):.1e}" \
             if ref.get("ok") and same_loss else "-"
         print(f"  {name:<17} {speed:>9,.0f} {ratio:>6} {r['peak_rss_mb']:>7,.0f} MB {mem_ratio:>6} "
               f"{r['first_loss']:>11.6f} {diff:>10}")
     print(f"  tokens/s: {tokens} tokens / median step after {warmup} warm-up step(s); peak RSS of the whole process")
-    if "cache" in rows:
+    if "cache" in rows or "cache+bf16" in rows:
         print("  cache: its soft-target loss is the sparse KD over the stored top-64 (first loss not comparable)")
 
 
@@ -246,9 +259,8 @@ def main() -> None:
         print("RESULT " + json.dumps(run_child(json.loads(args.child))), flush=True)
         return
 
-    cheap = "chunked+int8" if args.device == "cpu" else "chunked+bf16"
     names = args.configs.split(",") if args.configs else \
-        ["transformers", "plain", "chunked", cheap, "chunked+compile", "cache"]
+        [n for n in CONFIGS if args.device == "cpu" or n != "chunked+int8"]  # int8 teachers run on CPUs
     unknown = [n for n in names if n not in CONFIGS] + [s for s in args.shapes.split(",") if s not in SHAPES]
     if unknown:
         sys.exit(f"unknown configuration or shape {', '.join(unknown)}")

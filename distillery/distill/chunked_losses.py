@@ -192,6 +192,7 @@ def _chunked(hidden, weight, bias, targets, teacher_hidden, teacher_head, kd_row
         grad_hidden = torch.empty(N, hidden.size(1), dtype=grad_dtype, device=hidden.device)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         grad_bias = torch.zeros(V, dtype=torch.float32, device=weight.device) if bias is not None else None
+        low_grad_weight = None
     with torch.autocast(device_type, enabled=False):
         for start in range(0, N, spec.chunk_size):
             rows = slice(start, min(start + spec.chunk_size, N))
@@ -213,8 +214,10 @@ def _chunked(hidden, weight, bias, targets, teacher_hidden, teacher_head, kd_row
                 torch.mm(grad, W_grad, out=grad_hidden[rows])
                 if grad_dtype == torch.float32:
                     grad_weight.addmm_(grad.t(), h)
-                else:
-                    grad_weight += grad.t() @ h
+                else:  # a low-precision product into its own buffer, summed in float32
+                    if low_grad_weight is None:
+                        low_grad_weight = torch.empty(weight.shape, dtype=grad_dtype, device=weight.device)
+                    _add_in_float32(grad_weight, torch.mm(grad.t(), h, out=low_grad_weight))
                 if grad_bias is not None:
                     grad_bias += grad.sum(0)
     values = torch.stack([sums[i] / max(counts[k], 1) for i, k in enumerate(wanted)])
@@ -222,6 +225,21 @@ def _chunked(hidden, weight, bias, targets, teacher_hidden, teacher_head, kd_row
         grads = (grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype),
                  grad_bias.to(bias.dtype) if grad_bias is not None else torch.zeros(0))
     return values, grads
+
+
+def _row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sum_v x[i, v] y[i, v] per row, as a batch of (1 x V) @ (V x 1) products: no (n, V) temporary
+    (torch.linalg.vecdot made one, 6.6 against 2.8 ms for 128 x 50,257 on the 2-core CPU)."""
+    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(-1)
+
+
+def _add_in_float32(total: torch.Tensor, low: torch.Tensor, block_elements: int = 2**19) -> None:
+    """total (float32) += low (bf16 or fp16), a block of rows at a time: a mixed-dtype add_ on a CPU
+    runs about 5x slower than converting a block and adding float32 to float32 (measured: 21 vs
+    4.5 ms for GPT-2's 50,257 x 256), and the blocks keep the float32 copy small."""
+    rows = max(1, block_elements // max(1, total.size(1)))
+    for start in range(0, total.size(0), rows):
+        total[start:start + rows].add_(low[start:start + rows].float())
 
 
 def _linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -303,7 +321,7 @@ def chunk_losses(
         accumulate(p, keep.float() * scales["lm"])
     if "mse" in scales:
         diff = torch.sub(s, t, out=a)
-        sums["mse"] = kd_sum(torch.linalg.vecdot(diff, diff) / V)
+        sums["mse"] = kd_sum(_row_dot(diff, diff) / V)
         if want_grad and scales["mse"] != 0:
             accumulate(diff, kd_scale(2.0 * scales["mse"] / V))
     if "kd" in scales and not sparse_kd:
@@ -313,13 +331,13 @@ def chunk_losses(
         grad_wanted = want_grad and scales["kd"] != 0
         if beta == 0.0:  # forward KL: sum_v p_t (log p_t - log p_s); grad T (p_s - p_t)
             p_t = torch.exp(log_p_t, out=t)
-            sums["kd"] = T**2 * kd_sum(torch.linalg.vecdot(p_t, log_p_t.sub_(log_p_s)))
+            sums["kd"] = T**2 * kd_sum(_row_dot(p_t, log_p_t.sub_(log_p_s)))
             if grad_wanted:
                 accumulate(log_p_s.exp_().sub_(p_t), kd_scale(T * scales["kd"]))
         elif beta == 1.0:  # reverse KL: sum_v p_s (log p_s - log p_t); grad T p_s (log p_s - log p_t - KL)
             p_s = torch.exp(log_p_s, out=t)
             log_ratio = log_p_s.sub_(log_p_t)
-            kl = torch.linalg.vecdot(p_s, log_ratio)
+            kl = _row_dot(p_s, log_ratio)
             sums["kd"] = T**2 * kd_sum(kl)
             if grad_wanted:
                 accumulate(log_ratio.sub_(kl.unsqueeze(1)).mul_(p_s), kd_scale(T * scales["kd"]))
@@ -328,10 +346,10 @@ def chunk_losses(
             log_m = torch.logaddexp(torch.add(log_p_t, math.log(beta), out=t),
                                     torch.add(log_p_s, math.log1p(-beta), out=b), out=b)
             p_t = torch.exp(log_p_t, out=t)
-            kl_t = torch.linalg.vecdot(p_t, log_p_t.sub_(log_m))
+            kl_t = _row_dot(p_t, log_p_t.sub_(log_m))
             p_s = torch.exp(log_p_s, out=t)
             log_ratio = log_p_s.sub_(log_m)  # log p_s - log m
-            kl_s = torch.linalg.vecdot(p_s, log_ratio)
+            kl_s = _row_dot(p_s, log_ratio)
             sums["kd"] = T**2 * kd_sum(beta * kl_t + (1.0 - beta) * kl_s)
             if grad_wanted:
                 accumulate(log_ratio.sub_(kl_s.unsqueeze(1)).mul_(p_s), kd_scale(T * (1.0 - beta) * scales["kd"]))

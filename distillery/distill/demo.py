@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from distillery.distill.run_config import RunConfig
-from distillery.models.common import DistilleryError
+from distillery.models.common import DistilleryError, plural
 
 # Folders of the standard library that are not its ordinary code: the test suite (large and
 # repetitive), installed third-party packages, code kept for old tools, and generated tables
@@ -133,7 +133,7 @@ def run_demo(settings: DemoSettings, sources: list[Path] | None = None, progress
                         batch_size=settings.batch_size, lr=settings.lr, eval_batches=settings.eval_batches,
                         log_every=10, plot=settings.plot)
     teacher_steps, student_steps = settings.teacher_steps, settings.student_steps
-    _say(f"[3/6] pre-training a {settings.teacher_layers}-layer GPT-2 teacher for {teacher_steps} steps")
+    _say(f"[3/6] pre-training a {settings.teacher_layers}-layer GPT-2 teacher for {plural(teacher_steps, 'step')}")
     teacher_config = RunConfig(
         kind="train", model="gpt2", out=str(named / "teacher"), max_steps=teacher_steps,
         warmup_steps=max(1, teacher_steps // 20), eval_every=max(1, teacher_steps // 4),
@@ -142,8 +142,11 @@ def run_demo(settings: DemoSettings, sources: list[Path] | None = None, progress
         model_overrides=dict(n_layer=settings.teacher_layers, n_head=settings.n_head, n_embd=settings.n_embd,
                              n_positions=settings.seq_len, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
         **run_settings)
-    run(teacher_config, resume=resume and (out / "teacher" / CHECKPOINT_NAME).is_file(), progress=progress,
-        folder=out / "teacher")
+    if resume and finished(out / "teacher"):
+        _say("      the teacher had finished; kept")
+    else:
+        run(teacher_config, resume=resume and (out / "teacher" / CHECKPOINT_NAME).is_file(), progress=progress,
+            folder=out / "teacher")
 
     _say("[4/6] making a half-depth student from the teacher's layers")
     teacher = load_lm(str(out / "teacher" / "model"))
@@ -151,13 +154,16 @@ def run_demo(settings: DemoSettings, sources: list[Path] | None = None, progress
     student.save_pretrained(out / "student-init")
     tokenizer.save_pretrained(out / "student-init")
 
-    _say(f"[5/6] distilling the student for {student_steps} steps")
+    _say(f"[5/6] distilling the student for {plural(student_steps, 'step')}")
     distill_config = RunConfig(
         kind="distill", teacher=str(out / "teacher" / "model"), student=str(out / "student-init"),
         out=str(named / "student"), max_steps=student_steps, warmup_steps=max(1, student_steps // 20),
         eval_every=max(1, student_steps // 4), save_every=max(1, student_steps // 4), **run_settings)
-    run(distill_config, resume=resume and (out / "student" / CHECKPOINT_NAME).is_file(), progress=progress,
-        folder=out / "student")
+    if resume and finished(out / "student"):
+        _say("      the distillation had finished; kept")
+    else:
+        run(distill_config, resume=resume and (out / "student" / CHECKPOINT_NAME).is_file(), progress=progress,
+            folder=out / "student")
 
     _say("[6/6] comparing teacher and student on the held-out modules")
     validation = TokenDataset(data, "val")
@@ -176,6 +182,17 @@ def run_demo(settings: DemoSettings, sources: list[Path] | None = None, progress
               "minutes": (time.perf_counter() - started) / 60}
     write_json(out / "report.json", report)
     return report
+
+
+def finished(run_folder: Path) -> bool:
+    """Whether a demo's run completed (its summary holds the final evaluation). A finished run is kept
+    as it is on --resume: its recorded paths may name the folder it was written in before an
+    --overwrite swap, which resuming it would take for other settings."""
+    summary = run_folder / "summary.json"
+    try:
+        return "val_loss" in json.loads(summary.read_text()) and (run_folder / "model").is_dir()
+    except (OSError, ValueError):
+        return False
 
 
 def completions(model, tokenizer, prompts: tuple[str, ...], new_tokens: int) -> dict[str, str]:

@@ -30,7 +30,7 @@ from distillery.distill.run_config import (
     RunConfig,
     read_yaml,
 )
-from distillery.models.common import DistilleryError
+from distillery.models.common import DistilleryError, plural
 
 SHARED_SETTINGS = {
     "data": "folder written by `distillery prepare`",
@@ -246,10 +246,10 @@ def _run_and_report(config: RunConfig, args: argparse.Namespace) -> int:
         print_json(summary)
     elif summary.get("objective") == "embedding":
         sts = f", STS Spearman {summary['val_sts_spearman']:.2f}" if "val_sts_spearman" in summary else ""
-        print(f"{summary['steps']} steps, {summary['sentences']:,} sentences; validation embedding MSE "
+        print(f"{plural(summary['steps'], 'step')}, {plural(summary['sentences'], 'sentence')}; validation embedding MSE "
               f"{summary['val_loss']:.3g}{sts}; model saved to {summary['model']}")
     else:
-        print(f"{summary['steps']} steps, {summary['tokens']:,} tokens; validation perplexity "
+        print(f"{plural(summary['steps'], 'step')}, {plural(summary['tokens'], 'token')}; validation perplexity "
               f"{summary['val_ppl']:.2f}; model saved to {summary['model']}")
     return 0
 

@@ -168,6 +168,12 @@ def test_demo_over_an_existing_demo(tiny_demo, tmp_path, capsys, monkeypatch):
     assert json.loads((out / "report.json").read_text())["settings"]["teacher_steps"] == 8
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
 
+    # A finished demo, swapped in, resumes in place: its finished runs are kept, not run again.
+    calls = fail_at_batch(monkeypatch, 0, KeyboardInterrupt)  # counts only
+    capsys.readouterr()
+    assert main(demo_argv(out, "--resume")) == 0
+    assert len(calls) == 0 and json.loads(capsys.readouterr().out)["models"]["student"]["perplexity"] > 1
+
 
 def test_an_interrupted_demo_resumes_in_place_with_its_own_settings(tiny_demo, tmp_path, capsys, monkeypatch):
     out = tmp_path / "demo"
