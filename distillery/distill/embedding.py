@@ -185,6 +185,7 @@ def run_embedding(config: RunConfig, procs, out: Path, resume: bool, progress: b
         check_resumable,
         check_same_layout,
         diverged,
+        host_to_device,
         load_checkpoint,
         lr_factor,
         make_optimizer,
@@ -253,7 +254,7 @@ def run_embedding(config: RunConfig, procs, out: Path, resume: bool, progress: b
         step_started = time.perf_counter()
         texts, cursor = draw(train, lengths, cursor, config.batch_size, config.seed)
         batch = teacher.tokenize(texts)
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        ids, mask = host_to_device(batch["input_ids"], device), host_to_device(batch["attention_mask"], device)
         with torch.inference_mode():
             t_out = teacher(ids, mask)
             t_parts = teacher_qkv.parts if teacher_qkv else None

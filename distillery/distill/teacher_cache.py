@@ -156,8 +156,10 @@ class CachedTargets:
                              self.hidden[start:end] if self.hidden is not None else None)
 
     def to(self, device: torch.device) -> CachedTargets:
-        return CachedTargets(self.ids.to(device), self.logprobs.to(device), self.tail.to(device),
-                             self.hidden.to(device) if self.hidden is not None else None)
+        from distillery.distill.trainer import host_to_device
+
+        return CachedTargets(*(host_to_device(x, device) for x in (self.ids, self.logprobs, self.tail)),
+                             host_to_device(self.hidden, device) if self.hidden is not None else None)
 
 
 class TeacherCache:

@@ -349,6 +349,14 @@ def masking_weights(config: RunConfig, tokenizer) -> torch.Tensor:
 # One batch
 
 
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device`; to a GPU through page-locked memory and without waiting, so the copy
+    overlaps the work already queued (CUDA orders it before the kernels that read it)."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 @dataclass
 class Batch:
     """Model inputs and targets for a (micro-)batch, on the CPU until `.to(device)`."""
@@ -362,8 +370,8 @@ class Batch:
         return Batch(self.inputs[start:end], self.targets[start:end], kd_mask)
 
     def to(self, device: torch.device) -> Batch:
-        kd_mask = self.kd_mask.to(device) if self.kd_mask is not None else None
-        return Batch(self.inputs.to(device), self.targets.to(device), kd_mask)
+        kd_mask = host_to_device(self.kd_mask, device) if self.kd_mask is not None else None
+        return Batch(host_to_device(self.inputs, device), host_to_device(self.targets, device), kd_mask)
 
     def position_counts(self) -> dict[str, int]:
         """How many positions each loss term averages over (see TERM_POSITIONS)."""
