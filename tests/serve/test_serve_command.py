@@ -84,7 +84,10 @@ def test_serve_prints_its_url_and_answers_once_healthy(serve_dirs):
     env = {**os.environ, "DISTILLERY_API_KEY": "k", "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "distillery.cli", "serve", f"tiny={serve_dirs['gpt2']}", str(serve_dirs["mlm"]),
-         "--port", "0", "--json"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         "--port", "0", "--json"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # Ctrl-C's usual handling even when the tests run as a background job, which ignores SIGINT
+        # and passes that on (the server would then exit 0 after its graceful shutdown).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = process.stderr.readline()
         url = re.search(r"listening on (http://127\.0\.0\.1:\d+)", first).group(1)
