@@ -246,6 +246,16 @@ def run_embedding(config: RunConfig, procs, out: Path, resume: bool, progress: b
               file=sys.stderr)
 
     weights = {"emb": config.alpha_emb, "cos": config.alpha_cos, "attn": config.alpha_attn}
+    def evaluate(at_step: int) -> dict[str, Any]:
+        """The student's validation MSE now, and its STS-B Spearman with --eval-sts."""
+        record: dict[str, Any] = {"step": at_step, "val_loss": validation_mse(teacher, student, val, config.batch_size)}
+        if sts_pairs is not None and math.isfinite(record["val_loss"]):
+            from distillery.evaluate.sts import evaluate_sts
+
+            record["val_sts_spearman"] = evaluate_sts(student, sts_pairs, batch_size=64)["spearman"]
+            student.train()
+        return record
+
     bar = _progress_bar(config.max_steps, step, progress)
     running: dict[str, float] = {}
     train_seconds, started_step, last_eval = 0.0, step, None
@@ -288,18 +298,15 @@ def run_embedding(config: RunConfig, procs, out: Path, resume: bool, progress: b
                        "sentences": sentences_seen, "sentences_per_s": per_s,
                        "elapsed_s": time.perf_counter() - started})
             running = {}
-        if step % config.eval_every == 0 or step == config.max_steps:
-            record: dict[str, Any] = {"step": step, "val_loss": validation_mse(teacher, student, val, config.batch_size)}
+        # Evaluated before its checkpoint, so that a NaN stops the run first; the last step after
+        # its checkpoint and the final model, so that an error there loses nothing.
+        if step % config.eval_every == 0 and step != config.max_steps:
+            record = evaluate(step)
             if not math.isfinite(record["val_loss"]):  # before a checkpoint or model of these weights
                 if bar is not None:
                     bar.close()
                 raise diverged("validation", record["val_loss"], step, checkpoint_path, config)
-            if sts_pairs is not None:
-                from distillery.evaluate.sts import evaluate_sts
-
-                last_eval = evaluate_sts(student, sts_pairs, batch_size=64)["spearman"]
-                record["val_sts_spearman"] = last_eval
-                student.train()
+            last_eval = record.get("val_sts_spearman")
             log.write(record)
         if step % config.save_every == 0 or step == config.max_steps:
             save_checkpoint(checkpoint_path, {
@@ -319,6 +326,12 @@ def run_embedding(config: RunConfig, procs, out: Path, resume: bool, progress: b
     student.max_seq_length = student_max_seq_length
     student.save_pretrained(final)
     named = Path(config.out)  # where the run ends up (`out` may be a folder beside it)
+    if not any(r["step"] == step and "val_loss" in r for r in log.records):  # not a finished run resumed
+        record = evaluate(step)
+        if not math.isfinite(record["val_loss"]):
+            raise diverged("validation", record["val_loss"], step, checkpoint_path, config,
+                           kept=f"the weights of that step are in {named / FINAL_MODEL_DIR}")
+        log.write(record)
     summary: dict[str, Any] = {"run": str(named), "kind": config.kind, "objective": "embedding", "steps": step,
                                "sentences": sentences_seen, "parameters": student.model.num_parameters(),
                                "model": str(named / FINAL_MODEL_DIR), "metrics": str(named / METRICS_NAME),
@@ -326,11 +339,9 @@ def run_embedding(config: RunConfig, procs, out: Path, resume: bool, progress: b
     train_records = [r for r in log.records if "loss" in r]
     if train_records:
         summary["train_loss"] = train_records[-1]["loss"]
-    evals = [r for r in log.records if "val_loss" in r]
-    summary["val_loss"] = evals[-1]["val_loss"] if evals else validation_mse(teacher, student, val, config.batch_size)
-    if evals and "val_sts_spearman" in evals[-1]:
-        summary["val_sts_spearman"] = evals[-1]["val_sts_spearman"]
+    last = [r for r in log.records if "val_loss" in r][-1]  # this step's, made above or by the finished run
+    summary["val_loss"] = last["val_loss"]
+    if "val_sts_spearman" in last:
+        summary["val_sts_spearman"] = last["val_sts_spearman"]
     summary["val_ppl"] = None
-    if not math.isfinite(summary["val_loss"]):
-        summary["val_loss"] = None
     return summary

@@ -164,6 +164,29 @@ def test_nonfinite_validation_loss_stops_before_saving(pair, tmp_path, monkeypat
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2 and not (out / "model").exists()
 
 
+def test_an_error_in_the_final_evaluation_keeps_the_final_model(pair, tmp_path, monkeypatch):
+    from distillery.distill import embedding
+
+    calls = []
+
+    def broken_at_the_end(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the evaluations at steps 3 and 4
+            raise RuntimeError("evaluation broke")
+        return 0.5
+
+    monkeypatch.setattr(embedding, "validation_mse", broken_at_the_end)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        main(distill_args(pair, out, 4))
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4
+    assert (out / "model" / "modules.json").is_file()
+    monkeypatch.undo()
+    assert main(distill_args(pair, out, 4, "--resume")) == 0  # only the final evaluation is left
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss" in r] == [3, 4]
+
+
 def test_refusals(pair, tmp_path, tiny_gpt2_dir, capsys):
     args = distill_args(pair, tmp_path / "r", 2)
     causal = [str(tiny_gpt2_dir) if a == str(pair / "student") else a for a in args]
