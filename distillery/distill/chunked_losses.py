@@ -45,7 +45,9 @@ from distillery.distill.losses import IGNORE_INDEX
 
 TERMS = ("lm", "kd", "mse")
 KD_LOSSES = ("forward_kl", "reverse_kl", "gjsd", "sparse")  # sparse: against a teacher cache's top k
-TINY = 1e-30  # the floor of the student's tail mass, whose log the sparse KD takes
+# The log of an empty "other" bucket (the k ids hold all the student's mass): finite, as
+# `teacher_cache.sparse_kd_rows` floors it, so that its gradient stays finite.
+EMPTY_TAIL_LOG = -1e4
 # Positions per chunk. Measured on the 2-core CPU (shared, so noisy), the chunked head and losses
 # (forward KL + LM) of 1024 positions 256 wide over GPT-2's vocabulary, forward and backward: full
 # logits 8.0 s, chunks of 64 / 128 / 256 / 512 / 1024 positions 3.7 / 3.6 / 4.0 / 4.4 / 4.5 s (one
@@ -74,6 +76,8 @@ class VocabLosses:
         assert set(self.weights) <= set(TERMS), f"unknown terms {set(self.weights) - set(TERMS)}"
         assert self.kd_loss in KD_LOSSES, self.kd_loss
         assert self.temperature > 0 and 0.0 <= self.beta <= 1.0 and self.chunk_size > 0
+        # The sparse KD computes in the teacher logits' buffer, which the MSE would read.
+        assert not (self.kd_loss == "sparse" and "mse" in self.weights), "the sparse KD has no logits MSE"
 
     @property
     def needs_teacher(self) -> bool:
@@ -306,14 +310,17 @@ def chunk_losses(
         p = log_p.exp_()
         rest = t if t is not None else work[1]  # the teacher's buffer: no teacher logits here
         rest.copy_(p).scatter_(1, ids, 0.0)
-        p_tail = rest.sum(-1).clamp_min_(TINY)
-        log_q_s = torch.log_softmax(torch.cat([z_ids, p_tail.log()[:, None]], dim=-1) / T, dim=-1)
+        p_tail = rest.sum(-1)
+        log_tail = torch.where(p_tail > 0, p_tail.log(), EMPTY_TAIL_LOG)
+        log_q_s = torch.log_softmax(torch.cat([z_ids, log_tail[:, None]], dim=-1) / T, dim=-1)
         log_q_t = torch.log_softmax(torch.cat([l_t.float(), tail_t.float()[:, None]], dim=-1) / T, dim=-1)
         q_t = log_q_t.exp()
         sums["kd"] = T**2 * kd_sum((q_t * (log_q_t - log_q_s)).masked_fill(q_t == 0, 0.0).sum(-1))
         if want_grad and scales["kd"] != 0:
             g = T * (log_q_s.exp() - q_t)
-            rest.mul_((g[:, -1] / p_tail).unsqueeze(1)).scatter_(1, ids, g[:, :-1])
+            # An empty bucket has nothing to share its gradient among (rest is 0 there).
+            rest.mul_((g[:, -1] / p_tail.clamp_min(torch.finfo(p_tail.dtype).tiny)).unsqueeze(1))
+            rest.scatter_(1, ids, g[:, :-1])
             accumulate(rest, kd_scale(scales["kd"]))
     if "lm" in scales and want_grad and scales["lm"] != 0:
         p = log_p if sparse_kd else log_p.exp_()  # the sparse KD has taken the exp already

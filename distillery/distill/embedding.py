@@ -182,6 +182,7 @@ def run_embedding(config: RunConfig, procs, out: Path, resume: bool, progress: b
         PLOT_NAME,
         MetricsLog,
         _progress_bar,
+        broken_weights,
         check_resumable,
         check_same_layout,
         diverged,
@@ -190,6 +191,7 @@ def run_embedding(config: RunConfig, procs, out: Path, resume: bool, progress: b
         lr_factor,
         make_optimizer,
         save_checkpoint,
+        weights_finite,
     )
 
     if procs.world_size > 1:
@@ -309,6 +311,10 @@ def run_embedding(config: RunConfig, procs, out: Path, resume: bool, progress: b
             last_eval = record.get("val_sts_spearman")
             log.write(record)
         if step % config.save_every == 0 or step == config.max_steps:
+            if not weights_finite(student.model):  # the last update broke them: keep the checkpoint before it
+                if bar is not None:
+                    bar.close()
+                raise broken_weights(step, checkpoint_path, config)
             save_checkpoint(checkpoint_path, {
                 "step": step, "sentences": sentences_seen, "cursor": list(cursor), "config": config.identity(),
                 "tokenizer": fingerprint, "model": student.model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -330,7 +336,7 @@ def run_embedding(config: RunConfig, procs, out: Path, resume: bool, progress: b
         record = evaluate(step)
         if not math.isfinite(record["val_loss"]):
             raise diverged("validation", record["val_loss"], step, checkpoint_path, config,
-                           kept=f"the weights of that step are in {named / FINAL_MODEL_DIR}")
+                           kept=f"the weights of that step, all finite, are in {final}")
         log.write(record)
     summary: dict[str, Any] = {"run": str(named), "kind": config.kind, "objective": "embedding", "steps": step,
                                "sentences": sentences_seen, "parameters": student.model.num_parameters(),

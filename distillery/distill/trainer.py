@@ -1003,13 +1003,10 @@ def _run(config: RunConfig, procs: Processes, out: Path, resume: bool, progress:
             if log is not None:
                 log.write({"step": step, "val_loss": last_eval, "val_ppl": math.exp(min(last_eval, 50))})
         if step % config.save_every == 0 or step == config.max_steps:
-            if not all(bool(torch.isfinite(p).all()) for p in student.parameters()):
-                # The last update broke the weights: keep the checkpoint before it.
+            if not weights_finite(student):  # the last update broke them: keep the checkpoint before it
                 if bar is not None:
                     bar.close()
-                raise DistilleryError(f"The weights became NaN or infinite by step {step} ({checkpoint_path} keeps "
-                                      f"the last good step, if any); lower --lr (now {config.lr:g}) and start again "
-                                      "or --resume.")
+                raise broken_weights(step, checkpoint_path, config)
             rng = _gather_random_states(random_states(generator), procs)
             if procs.is_main:
                 save_checkpoint(checkpoint_path, {
@@ -1040,7 +1037,7 @@ def _run(config: RunConfig, procs: Processes, out: Path, resume: bool, progress:
     last_eval = _sum_over_processes({"val_loss": val_loss}, procs)["val_loss"]
     if not math.isfinite(last_eval):
         raise diverged("validation", last_eval, step, checkpoint_path, config,
-                       kept=f"the weights of that step, all finite, are in {named / FINAL_MODEL_DIR}")
+                       kept=f"the weights of that step, all finite, are in {final}")
     if procs.is_main:
         if not any(r["step"] == step and "val_loss" in r for r in log.records):  # a finished run resumed
             log.write({"step": step, "val_loss": last_eval, "val_ppl": math.exp(min(last_eval, 50))})
@@ -1060,7 +1057,25 @@ def diverged(loss: str, value: float, step: int, checkpoint_path: Path, config: 
         kept = f"{checkpoint_path} keeps the last good step" if checkpoint_path.exists() else "nothing was saved yet"
     data = "the data" if loss == "training" else "the validation data"
     return DistilleryError(f"The {loss} loss became {value} at step {step} ({kept}); lower --lr (now {config.lr:g}) "
-                           f"or check {data}, and --resume or start again.")
+                           f"or check {data}, and {resume_flags(checkpoint_path, config)} or start again.")
+
+
+def weights_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def broken_weights(step: int, checkpoint_path: Path, config: RunConfig) -> DistilleryError:
+    """The sentence that stops a run whose weights became NaN or infinite, before they are saved."""
+    return DistilleryError(f"The weights became NaN or infinite by step {step} ({checkpoint_path} keeps the last "
+                           f"good step, if any); lower --lr (now {config.lr:g}) and start again or "
+                           f"{resume_flags(checkpoint_path, config)}.")
+
+
+def resume_flags(checkpoint_path: Path, config: RunConfig) -> str:
+    """How to continue the run whose checkpoint is `checkpoint_path`: an --overwrite run is written
+    beside config.out and continued with --overwrite --resume."""
+    staged = config.out and checkpoint_path.parent.resolve() != Path(config.out).resolve()
+    return "--overwrite --resume" if staged else "--resume"
 
 
 def add_energy(segment: dict[str, Any], path: Path, resume: bool) -> dict[str, Any]:

@@ -164,6 +164,32 @@ def test_nonfinite_validation_loss_stops_before_saving(pair, tmp_path, monkeypat
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2 and not (out / "model").exists()
 
 
+def test_weights_broken_by_the_last_step_are_not_saved(pair, tmp_path, monkeypatch, capsys):
+    from distillery.distill import trainer
+
+    make_optimizer = trainer.make_optimizer
+
+    def breaking_optimizer(model, config):
+        optimizer = make_optimizer(model, config)
+        steps = []
+
+        def after_step(*args):
+            steps.append(1)
+            if len(steps) == 4:  # the last step of 4 breaks the weights
+                with torch.no_grad():
+                    next(model.parameters()).fill_(float("nan"))
+
+        optimizer.register_step_post_hook(after_step)
+        return optimizer
+
+    monkeypatch.setattr(trainer, "make_optimizer", breaking_optimizer)
+    out = tmp_path / "run"
+    assert main(distill_args(pair, out, 4)) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "The weights became NaN or infinite by step 4" in last and "keeps the last good step" in last
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2 and not (out / "model").exists()
+
+
 def test_an_error_in_the_final_evaluation_keeps_the_final_model(pair, tmp_path, monkeypatch):
     from distillery.distill import embedding
 

@@ -168,6 +168,21 @@ def test_nonfinite_validation_loss_stops_the_run(setup, tmp_path, monkeypatch, c
         assert "val_loss" not in json.loads((out / "summary.json").read_text())
 
 
+def test_nonfinite_final_validation_of_an_overwrite_run_names_its_staging_folder(setup, tmp_path, monkeypatch,
+                                                                                  capsys):
+    out = tmp_path / "run"
+    argv = ["distill", "--teacher", str(setup["teacher"]), "--student", str(setup["student"]), "--data",
+            str(setup["data"]), "--out", str(out), "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1",
+            "--device", "cpu", "--no-plot"]
+    assert main(argv + ["--max-steps", "2"]) == 0
+    monkeypatch.setattr(trainer, "evaluate_loss", lambda *a, **k: float("nan"))  # only the final one runs
+    assert main(argv + ["--max-steps", "4", "--eval-every", "10", "--overwrite"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    staged = tmp_path / ".run.overwrite"
+    assert f"are in {staged / 'model'}" in last and "--overwrite --resume or start again" in last
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2  # the old run is untouched
+
+
 def test_interrupt_mid_run_keeps_the_last_checkpoint(setup, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
 
