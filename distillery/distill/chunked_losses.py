@@ -42,12 +42,10 @@ import torch
 from torch import nn
 
 from distillery.distill.losses import IGNORE_INDEX
+from distillery.distill.teacher_cache import EMPTY_TAIL_LOG, bucket_kl
 
 TERMS = ("lm", "kd", "mse")
 KD_LOSSES = ("forward_kl", "reverse_kl", "gjsd", "sparse")  # sparse: against a teacher cache's top k
-# The log of an empty "other" bucket (the k ids hold all the student's mass): finite, as
-# `teacher_cache.sparse_kd_rows` floors it, so that its gradient stays finite.
-EMPTY_TAIL_LOG = -1e4
 # Positions per chunk. Measured on the 2-core CPU (shared, so noisy), the chunked head and losses
 # (forward KL + LM) of 1024 positions 256 wide over GPT-2's vocabulary, forward and backward: full
 # logits 8.0 s, chunks of 64 / 128 / 256 / 512 / 1024 positions 3.7 / 3.6 / 4.0 / 4.4 / 4.5 s (one
@@ -312,12 +310,10 @@ def chunk_losses(
         rest.copy_(p).scatter_(1, ids, 0.0)
         p_tail = rest.sum(-1)
         log_tail = torch.where(p_tail > 0, p_tail.log(), EMPTY_TAIL_LOG)
-        log_q_s = torch.log_softmax(torch.cat([z_ids, log_tail[:, None]], dim=-1) / T, dim=-1)
-        log_q_t = torch.log_softmax(torch.cat([l_t.float(), tail_t.float()[:, None]], dim=-1) / T, dim=-1)
-        q_t = log_q_t.exp()
-        sums["kd"] = T**2 * kd_sum((q_t * (log_q_t - log_q_s)).masked_fill(q_t == 0, 0.0).sum(-1))
+        kl, q_s, q_t = bucket_kl(torch.cat([z_ids, log_tail[:, None]], dim=-1), l_t, tail_t, T)
+        sums["kd"] = T**2 * kd_sum(kl)
         if want_grad and scales["kd"] != 0:
-            g = T * (log_q_s.exp() - q_t)
+            g = T * (q_s - q_t)
             # An empty bucket has nothing to share its gradient among (rest is 0 there).
             rest.mul_((g[:, -1] / p_tail.clamp_min(torch.finfo(p_tail.dtype).tiny)).unsqueeze(1))
             rest.scatter_(1, ids, g[:, :-1])

@@ -36,7 +36,7 @@ import torch
 
 from distillery.distill.sentences import FORMAT as SENTENCE_FORMAT
 from distillery.models.checkpoint import atomic_write, write_json
-from distillery.models.common import DistilleryError
+from distillery.models.common import DistilleryError, read_json
 
 META_NAME = "meta.json"
 TOKEN_COUNTS_NAME = "token_counts.npy"
@@ -724,10 +724,7 @@ def load_meta(path: str | os.PathLike) -> dict[str, Any]:
     if not file.is_file():
         raise DistilleryError(f"{directory} has no {META_NAME}; prepare the data there with "
                               "`distillery prepare INPUT --tokenizer TOK --out DIR`.")
-    try:
-        meta = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DistilleryError(f"{file} is not valid JSON ({e}); re-run distillery prepare.") from e
+    meta = read_json(file, fix="re-run distillery prepare")
     if isinstance(meta, dict) and meta.get("format") == SENTENCE_FORMAT:
         raise DistilleryError(f"{directory} holds sentence data for embedding distillation (made by `distillery prepare "
                               "--sentences`); this needs token data: make it with `distillery prepare INPUT "

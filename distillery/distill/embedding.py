@@ -290,10 +290,9 @@ def run_embedding(config: RunConfig, procs, out: Path, resume: bool, progress: b
             running[name] = running.get(name, 0.0) + float(value.detach())
         train_seconds += time.perf_counter() - step_started
         per_s = (step - started_step) * config.batch_size / max(train_seconds, 1e-9)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3g}", sent_s=f"{per_s:,.0f}",
-                            sts="-" if last_eval is None else f"{last_eval:.2f}")
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss.detach()):.3g}", sent_s=f"{per_s:,.0f}",
+                        sts="-" if last_eval is None else f"{last_eval:.2f}")
         if step % config.log_every == 0 or step == config.max_steps:
             n = config.log_every if step % config.log_every == 0 else step % config.log_every
             log.write({"step": step, **{k: v / n for k, v in running.items()}, "lr": scheduler.get_last_lr()[0],
@@ -305,15 +304,13 @@ def run_embedding(config: RunConfig, procs, out: Path, resume: bool, progress: b
         if step % config.eval_every == 0 and step != config.max_steps:
             record = evaluate(step)
             if not math.isfinite(record["val_loss"]):  # before a checkpoint or model of these weights
-                if bar is not None:
-                    bar.close()
+                bar.close()
                 raise diverged("validation", record["val_loss"], step, checkpoint_path, config)
             last_eval = record.get("val_sts_spearman")
             log.write(record)
         if step % config.save_every == 0 or step == config.max_steps:
             if not weights_finite(student.model):  # the last update broke them: keep the checkpoint before it
-                if bar is not None:
-                    bar.close()
+                bar.close()
                 raise broken_weights(step, checkpoint_path, config)
             save_checkpoint(checkpoint_path, {
                 "step": step, "sentences": sentences_seen, "cursor": list(cursor), "config": config.identity(),
@@ -321,8 +318,7 @@ def run_embedding(config: RunConfig, procs, out: Path, resume: bool, progress: b
                 "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()})
             if config_plot:
                 log.plot(out / PLOT_NAME)
-    if bar is not None:
-        bar.close()
+    bar.close()
     for hook in (student_qkv, teacher_qkv):
         if hook is not None:
             hook.remove()

@@ -36,7 +36,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,13 +44,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from distillery.models.common import DistilleryError
+from distillery.models.common import DistilleryError, read_json
 
 FORMAT = "distillery-teacher-cache"
 VERSION = 1
 META_NAME = "meta.json"
 DEFAULT_SHARD_WINDOWS = 256
 LOGPROB_DTYPES = ("float16", "float32")
+# The log of an empty "other" bucket (the k ids hold all the student's mass): e^-10000 is 0, and
+# finite, so that its gradient stays finite.
+EMPTY_TAIL_LOG = -1e4
 FINGERPRINT_BYTES = 1 << 20  # how much of each weights file (and of train.bin's ends) is hashed
 # The settings that define what a cache holds: a rerun with all of them equal resumes the build.
 IDENTITY = ("format", "version", "teacher_fingerprint", "tokenizer_fingerprint", "data_fingerprint", "seq_len",
@@ -96,15 +98,24 @@ def sparse_kd_rows(s: torch.Tensor, ids: torch.Tensor, l_t: torch.Tensor, tail_t
                    temperature: float) -> torch.Tensor:
     """KL(q_t || q_s) per row (no T^2) of `sparse_kd_loss`, on flat (N, V) logits and (N, k), (N,) targets."""
     ids = ids.long()
-    log_q_t = torch.log_softmax(torch.cat([l_t.float(), tail_t.float()[:, None]], dim=-1) / temperature, dim=-1)
     z = torch.log_softmax(s.float(), dim=-1)
     # The student's mass outside the k ids, as a logsumexp of the rest (1 - sum loses digits when the
-    # top k hold nearly everything); a finite floor (e^-10000 = 0) keeps the gradient finite at k = V.
-    rest = z.scatter(-1, ids, -1e4)
+    # top k hold nearly everything); a finite floor keeps the gradient finite at k = V.
+    rest = z.scatter(-1, ids, EMPTY_TAIL_LOG)
     a_s = torch.cat([z.gather(-1, ids), torch.logsumexp(rest, dim=-1, keepdim=True)], dim=-1)
-    log_q_s = torch.log_softmax(a_s / temperature, dim=-1)
+    return bucket_kl(a_s, l_t, tail_t, temperature)[0]
+
+
+def bucket_kl(student_buckets: torch.Tensor, l_t: torch.Tensor, tail_t: torch.Tensor,
+              temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(KL(q_t || q_s) per row, q_s, q_t) over the k + 1 buckets of `sparse_kd_loss`, from the
+    student's log bucket masses at T = 1 (N, k + 1) and the teacher's stored (N, k) log-probs and
+    (N,) tail. The KL's gradient with respect to the student's log masses is (q_s - q_t) / T."""
+    log_q_t = torch.log_softmax(torch.cat([l_t.float(), tail_t.float()[:, None]], dim=-1) / temperature, dim=-1)
+    log_q_s = torch.log_softmax(student_buckets / temperature, dim=-1)
     q_t = log_q_t.exp()
-    return (q_t * (log_q_t - log_q_s)).masked_fill(q_t == 0, 0.0).sum(-1)
+    kl = (q_t * (log_q_t - log_q_s)).masked_fill(q_t == 0, 0.0).sum(-1)
+    return kl, log_q_s.exp(), q_t
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,10 +234,7 @@ def read_meta(path: Path, flag: str) -> dict[str, Any]:
     if not file.is_file():
         raise DistilleryError(f"{flag} {path} holds no teacher cache ({META_NAME} is missing); make one with "
                               "`distillery teacher-cache TEACHER --data DIR --out CACHE`.")
-    try:
-        meta = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DistilleryError(f"{file} is not valid JSON ({e}); rebuild the cache with --overwrite.") from e
+    meta = read_json(file, fix="rebuild the cache with --overwrite")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise DistilleryError(f"{flag} {path} is not a teacher cache ({file} is not of distillery teacher-cache "
                               f"version {VERSION}); pass a folder made by `distillery teacher-cache`.")
@@ -255,7 +263,7 @@ def build_cache(teacher: str, data: str | os.PathLike, out: str | os.PathLike, t
     `overwrite`. Under torchrun each process computes its share of the shards. Returns a summary.
     """
     from distillery.distill.data import TokenDataset
-    from distillery.distill.trainer import load_lm, start_processes
+    from distillery.distill.trainer import _progress_bar, load_lm, start_processes
     from distillery.models.checkpoint import resolve_model_dir
 
     assert logprob_dtype in LOGPROB_DTYPES, logprob_dtype
@@ -301,12 +309,11 @@ def build_cache(teacher: str, data: str | os.PathLike, out: str | os.PathLike, t
         started = time.perf_counter()
         mine = [s for s in range(meta["shards"]) if s % procs.world_size == procs.rank]
         todo = [s for s in mine if not all(shard_file(out, s, p).is_file() for p in shard_parts(hidden))]
-        bar = _progress_bar(sum(_shard_range(meta, s)[1] - _shard_range(meta, s)[0] for s in todo),
-                            progress and procs.is_main)
+        total = sum(_shard_range(meta, s)[1] - _shard_range(meta, s)[0] for s in todo)
+        bar = _progress_bar(total, 0, progress and procs.is_main and total > 0, desc="teacher-cache", unit="window")
         for s in todo:
             write_shard(model, train.tokens, out, s, meta, batch_size, procs.device, bar)
-        if bar is not None:
-            bar.close()
+        bar.close()
         _barrier(procs)
         if procs.is_main:
             from distillery.models.checkpoint import write_json
@@ -400,8 +407,7 @@ def write_shard(model, tokens: np.ndarray, out: Path, shard: int, meta: dict[str
         results = dict(zip(("ids", "logprobs", "tail", "hidden"), teacher_outputs(model, inputs, k, meta["hidden"])))
         for p in parts:
             arrays[p][lo:hi] = results[p].cpu().numpy().astype(shapes[p][1])
-        if bar is not None:
-            bar.update(hi - lo)
+        bar.update(hi - lo)
     for p in parts:
         arrays[p].flush()
         del arrays[p]
@@ -413,9 +419,3 @@ def _barrier(procs) -> None:
         torch.distributed.barrier()
 
 
-def _progress_bar(total: int, enabled: bool):
-    if not enabled or total == 0:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="teacher-cache", unit="window", dynamic_ncols=True, file=sys.stderr)

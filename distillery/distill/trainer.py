@@ -805,8 +805,8 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True,
                 summary = _run(config, procs, out, resume, progress)
             except (KeyboardInterrupt, Exception) as e:
                 if procs.is_main and not isinstance(e, DistilleryError) and (out / CHECKPOINT_NAME).is_file():
-                    print(f"{out / CHECKPOINT_NAME} keeps the last checkpoint; rerun with --resume to continue "
-                          "from it.", file=sys.stderr)
+                    print(f"{out / CHECKPOINT_NAME} keeps the last checkpoint; rerun with "
+                          f"{resume_flags(out / CHECKPOINT_NAME, config)} to continue from it.", file=sys.stderr)
                 raise
         if procs.is_main:
             summary["energy"] = add_energy(tracker.result(), out / ENERGY_NAME, resume)
@@ -844,9 +844,9 @@ def _run(config: RunConfig, procs: Processes, out: Path, resume: bool, progress:
     train_data, val_data = open_data(config, tokenizer)
     teacher, cache = None, None
     if config.kind == "distill" and config.teacher_cache:
-        student = load_lm(config.student) if config.student else None
-        if student is None:
+        if not config.student:
             raise DistilleryError("Distillation needs --student (a model folder) beside --teacher-cache.")
+        student = load_lm(config.student)
         cache, config = open_teacher_cache(config, student, tokenizer, train_data, say=procs.is_main)
     elif config.kind == "distill":
         if not config.teacher or not config.student:
@@ -969,8 +969,7 @@ def _run(config: RunConfig, procs: Processes, out: Path, resume: bool, progress:
         step_terms = _sum_over_processes(step_terms, procs)
         if not math.isfinite(step_terms["loss"]):
             # Stop before a checkpoint of broken weights replaces the last good one.
-            if bar is not None:
-                bar.close()  # before the sentence, so that it is the last line
+            bar.close()  # before the sentence, so that it is the last line
             raise diverged("training", step_terms["loss"], step, checkpoint_path, config)
 
         for name, value in step_terms.items():
@@ -978,10 +977,9 @@ def _run(config: RunConfig, procs: Processes, out: Path, resume: bool, progress:
         train_seconds += time.perf_counter() - step_started
         elapsed = time.perf_counter() - started
         tokens_per_s = (step - started_step) * tokens_per_step / max(train_seconds, 1e-9)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_terms['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}",
-                            val_ppl="-" if last_eval is None else f"{math.exp(min(last_eval, 50)):.2f}")
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_terms['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}",
+                        val_ppl="-" if last_eval is None else f"{math.exp(min(last_eval, 50)):.2f}")
         if log is not None and (step % config.log_every == 0 or step == config.max_steps):
             n = config.log_every if step % config.log_every == 0 else step % config.log_every
             record = {"step": step, **{k: v / n for k, v in running.items()},
@@ -997,15 +995,13 @@ def _run(config: RunConfig, procs: Processes, out: Path, resume: bool, progress:
                 if procs.is_main else 0.0
             last_eval = _sum_over_processes({"val_loss": val_loss}, procs)["val_loss"]
             if not math.isfinite(last_eval):
-                if bar is not None:
-                    bar.close()
+                bar.close()
                 raise diverged("validation", last_eval, step, checkpoint_path, config)
             if log is not None:
                 log.write({"step": step, "val_loss": last_eval, "val_ppl": math.exp(min(last_eval, 50))})
         if step % config.save_every == 0 or step == config.max_steps:
             if not weights_finite(student):  # the last update broke them: keep the checkpoint before it
-                if bar is not None:
-                    bar.close()
+                bar.close()
                 raise broken_weights(step, checkpoint_path, config)
             rng = _gather_random_states(random_states(generator), procs)
             if procs.is_main:
@@ -1017,8 +1013,7 @@ def _run(config: RunConfig, procs: Processes, out: Path, resume: bool, progress:
                 })
                 if plot:
                     log.plot(out / PLOT_NAME)
-    if bar is not None:
-        bar.close()
+    bar.close()
 
     named = Path(config.out)  # where the run ends up (`out` may be a folder beside it)
     summary: dict[str, Any] = {"run": str(named), "kind": config.kind, "steps": step, "tokens": tokens_seen,
@@ -1111,9 +1106,9 @@ def _gather_random_states(states: dict[str, Any], procs: Processes) -> list[dict
     return gathered
 
 
-def _progress_bar(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
+def _progress_bar(total: int, initial: int, enabled: bool, desc: str = "train", unit: str = "step"):
+    """A tqdm bar on stderr; a silent one (every call a no-op) when not `enabled`."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr,
+                disable=not enabled)

@@ -21,12 +21,17 @@ def plural(count: int, noun: str, plural_noun: str | None = None) -> str:
     return f"{count:,} {noun if count == 1 else plural_noun or noun + 's'}"
 
 
+def read_json(file: Path, error: type[DistilleryError] = DistilleryError, fix: str = "fix or re-download it") -> Any:
+    """The JSON value in `file`; `error` naming the file and `fix` when it is not valid JSON."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{file} is not valid JSON ({e}); {fix}.") from e
+
+
 def read_json_object(file: Path, error: type[DistilleryError]) -> dict[str, Any]:
     """The JSON object in `file`; `error` (named with the file and the fix) when it is not valid JSON or not an object."""
-    try:
-        value = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"{file} is not valid JSON ({e}); fix or re-download it.") from e
+    value = read_json(file, error)
     if not isinstance(value, dict):
         raise error(f"{file} must hold a JSON object.")
     return value
