@@ -135,11 +135,16 @@ def text(value: str) -> str:
     return value
 
 
+def _not_blank(value: str, fix: str) -> str:
+    """UTF-8 text with something in it; otherwise "is empty; `fix`"."""
+    if not text(value).strip():
+        raise argparse.ArgumentTypeError(f"is empty; {fix}.")
+    return value
+
+
 def non_empty(value: str) -> str:
     """Text that is not empty (an empty value would read as the option left out)."""
-    if not text(value).strip():
-        raise argparse.ArgumentTypeError("is empty; pass a value or leave the option out.")
-    return value
+    return _not_blank(value, "pass a value or leave the option out")
 
 
 def device(value: str) -> str:
@@ -167,17 +172,13 @@ def device_or_auto(value: str) -> str:
 
 
 def _path(value: str) -> Path:
-    if not text(value).strip():
-        raise argparse.ArgumentTypeError("is empty; pass a path.")
-    return Path(value).expanduser()
+    return Path(_not_blank(value, "pass a path")).expanduser()
 
 
 def path_or_name(value: str) -> str:
     """A path or a name (a hub dataset, a preset): not empty, which a path would read as the
     working folder."""
-    if not text(value).strip():
-        raise argparse.ArgumentTypeError("is empty; pass a path or a name.")
-    return value
+    return _not_blank(value, "pass a path or a name")
 
 
 def existing_file(value: str) -> Path:

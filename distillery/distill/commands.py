@@ -57,6 +57,7 @@ def register(subparsers) -> None:
 
 
 def _register_teacher_cache(subparsers) -> None:
+    from distillery.distill.run_config import DEFAULT_SEQ_LEN
     from distillery.distill.teacher_cache import DEFAULT_SHARD_WINDOWS, LOGPROB_DTYPES
 
     p = add_command(subparsers, "teacher-cache", teacher_cache_command)
@@ -67,7 +68,8 @@ def _register_teacher_cache(subparsers) -> None:
     p.add_argument("--top-k", type=cli_types.positive_int, default=64,
                    help="token ids (and log-probabilities) kept per position (default: 64)")
     p.add_argument("--seq-len", type=cli_types.positive_int,
-                   help="tokens per window; distill must use the same (default: 256, or the teacher's positions)")
+                   help=f"tokens per window; distill must use the same (default: {DEFAULT_SEQ_LEN}, or the teacher's "
+                        "positions)")
     p.add_argument("--hidden", action="store_true",
                    help="also keep the last hidden states, for the cosine loss (2 x width bytes per token)")
     p.add_argument("--logprob-dtype", choices=LOGPROB_DTYPES, default="float16",

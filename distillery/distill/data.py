@@ -325,10 +325,11 @@ def table_files(source: Source) -> list[Path]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    fix = "save the dataset again with save_to_disk"
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DistilleryError(f"{path} is not readable JSON ({e}); save the dataset again with save_to_disk.") from e
+        value = read_json(path, fix=fix)
+    except OSError as e:
+        raise DistilleryError(f"{path} is not readable ({e}); {fix}.") from e
     if not isinstance(value, dict):
         raise DistilleryError(f"{path} holds no JSON object; save the dataset again with save_to_disk.")
     return value

@@ -94,7 +94,7 @@ def run_demo(settings: DemoSettings, sources: list[Path] | None = None, progress
     the same settings continues: the tokenizer and data are kept once the data is complete, and
     each run continues from its last checkpoint.
     """
-    from distillery.distill.data import META_NAME, TokenDataset, prepare_corpus
+    from distillery.distill.data import META_NAME, TokenDataset, load_meta, prepare_corpus
     from distillery.distill.student import make_student
     from distillery.distill.trainer import CHECKPOINT_NAME, evaluate_loss, load_lm, run
     from distillery.models.checkpoint import write_json
@@ -120,7 +120,7 @@ def run_demo(settings: DemoSettings, sources: list[Path] | None = None, progress
     if resume and (out / "data" / META_NAME).is_file():  # the tokenizer was complete before the data was made
         _say("[1-2/6] the tokenizer and the data of the interrupted demo are kept")
         tokenizer = load_tokenizer(out / "tokenizer")
-        meta = json.loads((out / "data" / META_NAME).read_text())
+        meta = load_meta(data)
     else:
         _say(f"[1/6] {len(sources)} standard library modules, "
              f"{sum(f.stat().st_size for f in sources) / 1e6:.1f} MB; training a {settings.vocab_size}-token BPE")
@@ -188,9 +188,11 @@ def finished(run_folder: Path) -> bool:
     """Whether a demo's run completed (its summary holds the final evaluation). A finished run is kept
     as it is on --resume: its recorded paths may name the folder it was written in before an
     --overwrite swap, which resuming it would take for other settings."""
+    from distillery.distill.trainer import FINAL_MODEL_DIR
+
     summary = run_folder / "summary.json"
     try:
-        return "val_loss" in json.loads(summary.read_text()) and (run_folder / "model").is_dir()
+        return "val_loss" in json.loads(summary.read_text()) and (run_folder / FINAL_MODEL_DIR).is_dir()
     except (OSError, ValueError):
         return False
 

@@ -191,8 +191,8 @@ def run_embedding(config: RunConfig, procs, out: Path, resume: bool, progress: b
         lr_factor,
         make_optimizer,
         save_checkpoint,
-        weights_finite,
     )
+    from distillery.models.common import weights_finite
 
     if procs.world_size > 1:
         raise DistilleryError("The embedding objective runs in one process; launch it without torchrun.")

@@ -141,10 +141,6 @@ def data_format(directory: str | Path) -> str | None:
         return None
 
 
-def is_sentence_data(directory: str | Path) -> bool:
-    return data_format(directory) == FORMAT
-
-
 def read_sentences(directory: str | Path, split: str) -> list[str]:
     """One split of a folder written by `prepare --sentences`."""
     from distillery.distill.data import FORMAT as TOKEN_FORMAT

@@ -263,6 +263,7 @@ def build_cache(teacher: str, data: str | os.PathLike, out: str | os.PathLike, t
     `overwrite`. Under torchrun each process computes its share of the shards. Returns a summary.
     """
     from distillery.distill.data import TokenDataset
+    from distillery.distill.run_config import DEFAULT_SEQ_LEN
     from distillery.distill.trainer import _progress_bar, load_lm, start_processes
     from distillery.models.checkpoint import resolve_model_dir
 
@@ -282,7 +283,7 @@ def build_cache(teacher: str, data: str | os.PathLike, out: str | os.PathLike, t
     if not 1 <= top_k <= V:
         raise DistilleryError(f"--top-k {top_k} must lie between 1 and the teacher's vocabulary of {V} tokens.")
     positions = model.config.n_positions
-    seq_len = seq_len or min(256, positions)
+    seq_len = seq_len or min(DEFAULT_SEQ_LEN, positions)
     if seq_len > positions:
         raise DistilleryError(f"--seq-len {seq_len} exceeds the teacher's {positions} positions; lower it.")
     train.check_fits(seq_len)

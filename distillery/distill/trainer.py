@@ -51,7 +51,7 @@ from distillery.models.checkpoint import (
     preset_names,
     write_json,
 )
-from distillery.models.common import DistilleryError, Pretrained
+from distillery.models.common import DistilleryError, Pretrained, weights_finite
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -1053,10 +1053,6 @@ def diverged(loss: str, value: float, step: int, checkpoint_path: Path, config: 
     data = "the data" if loss == "training" else "the validation data"
     return DistilleryError(f"The {loss} loss became {value} at step {step} ({kept}); lower --lr (now {config.lr:g}) "
                            f"or check {data}, and {resume_flags(checkpoint_path, config)} or start again.")
-
-
-def weights_finite(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def broken_weights(step: int, checkpoint_path: Path, config: RunConfig) -> DistilleryError:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from distillery.models.common import DistilleryError
+from distillery.models.common import DistilleryError, weights_finite
 
 # ----------------------------------------------------------------------------------------------
 # Metrics (plain numpy; formulas as in scikit-learn / scipy.stats)
@@ -343,7 +343,7 @@ def finite_loss(loss: torch.Tensor, step: int, learning_rate: float) -> float:
 def check_finite_weights(model: torch.nn.Module, learning_rate: float) -> None:
     """After the last step: an update can break the weights after the last loss was seen finite,
     and every score of broken weights is NaN, so fine-tuning stops with a sentence instead."""
-    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+    if not weights_finite(model):
         raise DistilleryError(f"The weights became NaN or infinite in the last steps of fine-tuning; lower --lr (now "
                               f"{learning_rate:g}).")
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from distillery.models.common import ConfigError
+from distillery.models.common import ConfigError, is_int, is_number
 
 # transformers generates this many new tokens when neither max_length nor max_new_tokens is set.
 DEFAULT_MAX_NEW_TOKENS = 20
@@ -35,25 +34,25 @@ class GenerationConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens is not None and (not _is_int(self.max_new_tokens) or self.max_new_tokens < 0):
+        if self.max_new_tokens is not None and (not is_int(self.max_new_tokens) or self.max_new_tokens < 0):
             raise ConfigError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}.")
-        if self.max_length is not None and (not _is_int(self.max_length) or self.max_length < 1):
+        if self.max_length is not None and (not is_int(self.max_length) or self.max_length < 1):
             raise ConfigError(f"max_length must be a positive integer, got {self.max_length!r}.")
         if not isinstance(self.do_sample, bool):
             raise ConfigError(f"do_sample must be True or False, got {self.do_sample!r}.")
-        if not _is_number(self.temperature) or self.temperature < 0:
+        if not is_number(self.temperature) or self.temperature < 0:
             raise ConfigError(
                 f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature!r}."
             )
-        if not _is_int(self.top_k) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise ConfigError(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}.")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p!r}.")
-        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+        if not is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise ConfigError(
                 f"repetition_penalty must be a finite number > 0 (1 turns it off), got {self.repetition_penalty!r}."
             )
-        if not _is_int(self.num_return_sequences) or self.num_return_sequences < 1:
+        if not is_int(self.num_return_sequences) or self.num_return_sequences < 1:
             raise ConfigError(
                 f"num_return_sequences must be a positive integer, got {self.num_return_sequences!r}."
             )
@@ -64,7 +63,7 @@ class GenerationConfig:
             )
         for name, value in (("eos_token_id", self.eos_token_id), ("pad_token_id", self.pad_token_id)):
             ids = value if isinstance(value, list) else [value]
-            if value is not None and not all(_is_int(i) and i >= 0 for i in ids):
+            if value is not None and not all(is_int(i) and i >= 0 for i in ids):
                 raise ConfigError(f"{name} must be a token id >= 0 (or None), got {value!r}.")
 
     @property
@@ -92,11 +91,3 @@ class GenerationConfig:
         return DEFAULT_MAX_NEW_TOKENS
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    """A finite int or float (NaN and infinity compare false with everything, so they would pass
-    every range check after this one)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,22 @@ def plural(count: int, noun: str, plural_noun: str | None = None) -> str:
     """A count and its noun, singular for 1: plural(1, "file") is "1 file", plural(12000, "token")
     "12,000 tokens", plural(2, "query", "queries") "2 queries"."""
     return f"{count:,} {noun if count == 1 else plural_noun or noun + 's'}"
+
+
+def is_int(value: object) -> bool:
+    """An int that is not a bool (True is an int to Python, not to a config file)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """A finite int or float (NaN and infinity compare false with everything, so they would pass
+    every range check after this one)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def weights_finite(model: torch.nn.Module) -> bool:
+    """Whether every parameter of `model` is finite (an update can leave NaN or infinite weights)."""
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def read_json(file: Path, error: type[DistilleryError] = DistilleryError, fix: str = "fix or re-download it") -> Any:

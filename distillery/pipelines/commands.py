@@ -117,7 +117,6 @@ def generate_command(args: argparse.Namespace) -> int:
         options["return_full_text"] = False
     if args.truncation:
         options["truncation"] = True
-    check_device(args.device)
     generator = pipeline("text-generation", model=args.model, device=args.device, dtype=args.dtype,
                          compile=args.compile, cuda_graphs=args.cuda_graphs)
     if args.seed is not None:
@@ -204,7 +203,6 @@ def fill_mask_command(args: argparse.Namespace) -> int:
     """
     from distillery.pipelines import pipeline
 
-    check_device(args.device)
     unmasker = pipeline("fill-mask", model=args.model, device=args.device, dtype=args.dtype)
     result = unmasker(args.text, top_k=args.top_k, targets=args.targets,
                       tokenizer_kwargs={"truncation": True} if args.truncation else None)
@@ -390,15 +388,3 @@ def _describe_tokenizer(directory: Path) -> dict[str, Any] | None:
         return None
     tokenizer = load_tokenizer(directory)
     return {"style": tokenizer.style, "vocab_size": tokenizer.vocab_size}
-
-
-def check_device(device: str) -> None:
-    """Refuse a device name torch does not know, or an accelerator this machine lacks."""
-    import torch
-
-    try:
-        kind = torch.device(device).type
-    except RuntimeError as e:
-        raise DistilleryError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N.") from e
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise DistilleryError(f"--device {device!r} asks for CUDA but no CUDA device is available; use cpu.")

@@ -314,16 +314,17 @@ async def embeddings_route(request: Request) -> dict[str, Any]:
                          param="model")
     texts = _embedding_texts(served, body.input)
     limit = served.max_positions
-    for i, text in enumerate(texts):
-        n = len(served.tokenizer.encode(text))
+    lengths = [len(served.tokenizer.encode(text)) for text in texts]
+    for i, n in enumerate(lengths):
         if n > limit:
             raise ServeError("validation", f"`input[{i}]` is {n} tokens long but {served.name} takes at most "
                                            f"{limit}; shorten it.", param="input")
     slot = server.admit()
     try:
-        vectors, tokens = await server.run_encoder(lambda: embed(served, texts))
+        vectors = await server.run_encoder(lambda: embed(served, texts))
     finally:
         slot.release()
+    tokens = sum(lengths)
     if body.dimensions is not None and body.dimensions != vectors.shape[1]:
         raise ServeError("validation", f"`dimensions` must be {vectors.shape[1]} for {served.name} (its embeddings "
                                        "cannot be shortened).", param="dimensions")
@@ -338,23 +339,21 @@ async def embeddings_route(request: Request) -> dict[str, Any]:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
-def embed(served: ServedModel, texts: list[str]) -> tuple[np.ndarray, int]:
-    """(N, D) float32 embeddings of `texts` and the tokens they took.
+def embed(served: ServedModel, texts: list[str]) -> np.ndarray:
+    """(N, D) float32 embeddings of `texts`.
 
     A sentence-transformers model gives its own (pooled, maybe normalised) embeddings; any other
     encoder the mean of its last hidden state over the text's tokens (special tokens included, as
     sentence-transformers' mean pooling counts them). This is the one place to change how a model
     without a pooling config is pooled.
     """
-    tokenizer = served.tokenizer
-    tokens = sum(len(tokenizer.encode(t)) for t in texts)
     if served.sentence_encoder:
-        return np.asarray(served.runner.encode(texts), dtype=np.float32), tokens
+        return np.asarray(served.runner.encode(texts), dtype=np.float32)
     from distillery.pipelines.feature_extraction import FeatureExtractionPipeline
 
-    extractor = FeatureExtractionPipeline(served.model, tokenizer)
+    extractor = FeatureExtractionPipeline(served.model, served.tokenizer)
     features = extractor(texts, return_tensors=True)
-    return torch.stack([f[0].mean(dim=0) for f in features]).numpy().astype(np.float32), tokens
+    return torch.stack([f[0].mean(dim=0) for f in features]).numpy().astype(np.float32)
 
 
 def _embedding_texts(served: ServedModel, given: Any) -> list[str]:

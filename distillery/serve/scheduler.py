@@ -365,7 +365,11 @@ class Scheduler:
                     if trimmed:
                         self._wake.wait()
                     elif not self._wake.wait(timeout=IDLE_TRIM_AFTER_S):  # idle for a while: once
-                        return_freed_memory()
+                        self._wake.release()  # a request arriving meanwhile need not wait for the trim
+                        try:
+                            return_freed_memory()
+                        finally:
+                            self._wake.acquire()
                         trimmed = True
                 trimmed = False
                 if self._closed:

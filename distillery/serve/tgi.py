@@ -177,8 +177,8 @@ async def info_route(request: Request) -> dict[str, Any]:
         "version": _version(),
         "sha": None,
         "docker_label": None,
-        "models": [{**served.describe(), "max_input_tokens": server.limits(served)[0],
-                    "max_total_tokens": server.limits(served)[1]} for served in models],
+        "models": [{**served.describe(), **dict(zip(("max_input_tokens", "max_total_tokens"), server.limits(served)))}
+                   for served in models],
         "loading": [name for name in server.registry.loading],
     }
 
