@@ -58,7 +58,7 @@ SHAPES = {
 }
 CACHE = "<the shape's teacher cache>"  # replaced by the cache's path once it is built
 CACHE_TOP_K = 64
-# name: trainer settings (None: the transformers reference)
+# name: trainer settings ({"reference": True}: the transformers loop)
 CONFIGS = {
     "transformers": {"reference": True},
     "plain": dict(chunked_loss=False),
@@ -133,9 +133,8 @@ def run_distillery(spec: dict) -> dict:
     from distillery.distill.trainer import run
 
     steps = spec["warmup"] + spec["steps"]
-    settings = dict(spec["settings"])
+    settings = {"precision": "fp32", **spec["settings"]}
     teacher = None if settings.get("teacher_cache") else spec["teacher"]  # a cache replaces the teacher
-    settings = {"precision": "fp32", **settings}
     config = RunConfig(kind="distill", teacher=teacher, student=spec["student"], data=spec["data"],
                        out=spec["out"], max_steps=steps, batch_size=spec["batch_size"], seq_len=spec["seq_len"],
                        warmup_steps=1, eval_every=steps, save_every=steps, log_every=1, eval_batches=1, plot=False,
@@ -240,7 +239,8 @@ def table(title: str, rows: dict[str, dict], tokens: int, warmup: int) -> None:
               f"{r['first_loss']:>11.6f} {diff:>10}")
     print(f"  tokens/s: {tokens} tokens / median step after {warmup} warm-up step(s); peak RSS of the whole process")
     if "cache" in rows or "cache+bf16" in rows:
-        print("  cache: its soft-target loss is the sparse KD over the stored top-64 (first loss not comparable)")
+        print(f"  cache: its soft-target loss is the sparse KD over the stored top-{CACHE_TOP_K} "
+              "(first loss not comparable)")
 
 
 def main() -> None:
@@ -270,14 +270,15 @@ def main() -> None:
         for shape_name in args.shapes.split(","):
             shape = SHAPES[shape_name]
             paths = prepare(workdir, shape)
-            rows = {}
+            rows, cache = {}, None
             for name in names:
                 out = workdir / "runs" / f"{shape_name}-{name}"
                 shutil.rmtree(out, ignore_errors=True)
                 settings = CONFIGS[name]
-                if settings and settings.get("teacher_cache") == CACHE:
-                    settings = {**settings, "teacher_cache": build_teacher_cache(workdir, shape_name, shape, paths,
-                                                                                 args.warmup + args.steps, args.device)}
+                if settings.get("teacher_cache") == CACHE:  # built once per shape, for every cache row
+                    cache = cache or build_teacher_cache(workdir, shape_name, shape, paths, args.warmup + args.steps,
+                                                         args.device)
+                    settings = {**settings, "teacher_cache": cache}
                 spec = {**paths, **shape, "device": args.device, "steps": args.steps, "warmup": args.warmup,
                         "out": str(out), "settings": settings}
                 rows[name] = r = launch(spec)
