@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_gpt2
 
 from distillery.cli import json_safe, main
 from distillery.cli_types import OutputFolder
@@ -105,18 +104,6 @@ def test_json_safe_is_strict():
 
 # ------------------------------------------------------------------------------------------------
 # Commands
-
-
-@pytest.fixture
-def gpt2_with_tokenizer(tmp_path) -> Path:
-    """A tiny GPT-2 with a 300-id byte-level tokenizer of its own (trained here, offline)."""
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("def f(x):\n    return x + 1\n" * 50)
-    model = save_tiny_gpt2(tmp_path / "gpt2", vocab_size=300, bos_token_id=0, eos_token_id=0)
-    assert main(["tokenizer", "train", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "tok")]) == 0
-    for p in (tmp_path / "tok").iterdir():
-        (model / p.name).write_bytes(p.read_bytes())
-    return model
 
 
 @pytest.fixture(scope="module")

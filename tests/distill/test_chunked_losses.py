@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 from conftest import save_tiny_bert
-from tiny_run import make_data, make_gpt2, make_roberta, make_student
+from tiny_run import make_data, make_roberta, make_student, make_teacher_student
 from torch import nn
 
 from distillery.cli import main
@@ -194,10 +194,7 @@ def test_under_autocast_the_head_runs_in_low_precision_and_agrees(dtype):
 
 @pytest.fixture(scope="module")
 def gpt2_setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gpt2")
-    data = make_data(root)
-    teacher = make_gpt2(root / "teacher", root / "tokenizer", dropout=0.0, n_layer=2)
-    return {"root": root, "data": data, "teacher": teacher, "student": make_student(teacher, root / "student")}
+    return make_teacher_student(tmp_path_factory.mktemp("gpt2"))
 
 
 @pytest.fixture(scope="module")

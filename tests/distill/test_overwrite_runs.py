@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_run import corpus_files, make_data, make_gpt2, make_student
+from tiny_run import corpus_files, make_teacher_student
 
 from distillery.cli import main
 from distillery.distill import demo
@@ -20,10 +20,7 @@ from distillery.distill.demo import DemoSettings
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("overwrite")
-    data = make_data(root)
-    teacher = make_gpt2(root / "teacher", root / "tokenizer", dropout=0.0, n_layer=2)
-    return {"data": data, "teacher": teacher, "student": make_student(teacher, root / "student")}
+    return make_teacher_student(tmp_path_factory.mktemp("overwrite"))
 
 
 def argv(command: str, setup, out: Path, steps: int, *extra) -> list[str]:

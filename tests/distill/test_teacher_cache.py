@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import save_tiny_roberta
-from tiny_run import make_data, make_gpt2, make_student
+from tiny_run import make_gpt2, make_teacher_student
 
 from distillery.cli import main
 from distillery.distill import losses, teacher_cache
@@ -130,10 +130,7 @@ def test_fused_sparse_kd_equals_the_plain_one_with_its_gradients(temperature, k)
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cache")
-    data = make_data(root)
-    teacher = make_gpt2(root / "teacher", root / "tokenizer", dropout=0.0, n_layer=2)
-    return {"root": root, "data": data, "teacher": teacher, "student": make_student(teacher, root / "student")}
+    return make_teacher_student(tmp_path_factory.mktemp("cache"))
 
 
 def cache_files(folder):

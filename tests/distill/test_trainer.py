@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 from conftest import save_tiny_bert
-from tiny_run import make_data, make_gpt2, make_roberta, make_student
+from tiny_run import make_data, make_gpt2, make_roberta, make_student, make_teacher_student
 
 from distillery.cli import main
 from distillery.distill import losses
@@ -35,10 +35,7 @@ TINY = dict(max_steps=4, batch_size=4, seq_len=16, warmup_steps=1, eval_every=2,
 
 @pytest.fixture(scope="module")
 def gpt2_setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gpt2")
-    data = make_data(root)
-    teacher = make_gpt2(root / "teacher", root / "tokenizer", dropout=0.0, n_layer=2)
-    return {"root": root, "data": data, "teacher": teacher, "student": make_student(teacher, root / "student")}
+    return make_teacher_student(tmp_path_factory.mktemp("gpt2"))
 
 
 @pytest.fixture(scope="module")

@@ -57,3 +57,11 @@ def make_student(teacher_dir: Path, directory: Path) -> Path:
     student_of(load_lm(str(teacher_dir))).save_pretrained(directory)
     load_tokenizer(teacher_dir).save_pretrained(directory)
     return directory
+
+
+def make_teacher_student(root: Path) -> dict[str, Path]:
+    """Data, a 2-layer GPT-2 teacher without dropout and its student, under `root`: the pair the
+    distillation tests share."""
+    data = make_data(root)
+    teacher = make_gpt2(root / "teacher", root / "tokenizer", dropout=0.0, n_layer=2)
+    return {"root": root, "data": data, "teacher": teacher, "student": make_student(teacher, root / "student")}
