@@ -99,10 +99,7 @@ class Source:
 
     def size(self) -> int:
         """Bytes to read, for the progress bar (unknown, 0, for hub datasets)."""
-        if self.kind == "hub":
-            return 0
-        return sum(path.stat().st_size for path in table_files(self)) if self.kind == "saved" \
-            else self.path.stat().st_size
+        return 0 if self.kind == "hub" else sum(path.stat().st_size for path in table_files(self))
 
 
 def find_sources(

@@ -114,18 +114,18 @@ def prepare_sentences(inputs: Iterable[str], out: Path, *, split: str = "sentenc
     val, train = sentences[:val_sentences], sentences[val_sentences:]
     if max_sentences is not None:
         train = train[:max_sentences]
+    texts = {name: "".join(s + "\n" for s in rows) for name, rows in (("train", train), ("val", val))}
     digest = hashlib.sha256()
-    for rows in (train, val):
-        for sentence in rows:
-            digest.update(sentence.encode("utf-8") + b"\n")
+    for text in texts.values():  # train, then val: the digest of both files' bytes in turn
+        digest.update(text.encode("utf-8"))
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "split": split, "min_words": min_words,
             "max_chars": max_chars, "seed": seed, "files": stats.files, "bytes": stats.bytes,
             "sources": [s.key for s in sources][:100],
             "counts": {"train": len(train), "val": len(val)}, "sha256": digest.hexdigest()}
     # Written beside --out and swapped in whole: a failure or Ctrl-C leaves earlier data as it was.
     with target.staged() as folder:
-        for name, rows in (("train", train), ("val", val)):
-            (folder / SPLIT_FILES[name]).write_text("".join(s + "\n" for s in rows), encoding="utf-8")
+        for name, text in texts.items():
+            (folder / SPLIT_FILES[name]).write_text(text, encoding="utf-8")
         (folder / META_NAME).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return meta
 
