@@ -167,9 +167,10 @@ class RunConfig:
             raise DistilleryError("--teacher-cache is for language-model distillation (`distillery distill`, "
                                   "--objective lm).")
         if self.kd_loss != "forward_kl" or self.alpha_mse > 0:
-            raise DistilleryError("--teacher-cache holds the teacher's top-k log-probabilities, enough for "
-                                  "--kd-loss forward_kl only and not for the logits MSE; use those (--alpha-mse 0) "
-                                  "or distil online with --teacher.")
+            asked = f"--kd-loss {self.kd_loss}" if self.kd_loss != "forward_kl" else f"--alpha-mse {self.alpha_mse:g}"
+            raise DistilleryError(f"--teacher-cache holds the teacher's top-k log-probabilities, enough for "
+                                  f"--kd-loss forward_kl only and not for the logits MSE, so not for {asked}; use "
+                                  "those (--alpha-mse 0) or distil online with --teacher.")
         if self.alpha_cos > 0 and self.cos_layers != "last":
             raise DistilleryError("--teacher-cache holds the teacher's last hidden states only; use --cos-layers "
                                   "last or --alpha-cos 0.")

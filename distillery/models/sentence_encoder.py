@@ -295,7 +295,7 @@ def load_sentence_encoder(name_or_path: str | os.PathLike, device: str | torch.d
     A plain encoder checkpoint without modules.json gets mean pooling, as sentence-transformers
     gives one.
     """
-    from distillery.models.checkpoint import load_model, resolve_model_dir
+    from distillery.models.checkpoint import FAMILY_TASKS, load_model, read_config, resolve_model_dir
     from distillery.tokenizer import load_tokenizer
 
     directory = resolve_model_dir(name_or_path)
@@ -309,6 +309,10 @@ def load_sentence_encoder(name_or_path: str | os.PathLike, device: str | torch.d
         settings = _read_json_object(settings_file) if settings_file.is_file() else {}
     else:
         transformer_dir, pooling, normalize, settings = directory, None, False, {}
+    model_type = read_config(transformer_dir).get("model_type")
+    if "base" not in FAMILY_TASKS.get(model_type, ["base"]):  # an unknown type is named by load_model
+        raise SentenceEncoderError(f"{name_or_path} is a {model_type} language model; sentence embeddings need an "
+                                   "encoder: a BERT, DistilBERT or RoBERTa folder, or a sentence-transformers one.")
     model = load_model(transformer_dir, task="base", device=device, dtype=dtype)
     if pooling is None:
         pooling = PoolingConfig(_hidden_size(model), ("mean",))
